@@ -1,0 +1,32 @@
+# syntax=docker/dockerfile:1.7
+# tracecar-proxy: the sidecar. A static musl binary on an empty base, running as uid/gid 2140.
+# Build from the repository root:
+#   docker build -f deploy/docker/proxy.Dockerfile -t ghcr.io/tracecar-dev/tracecar-proxy:0.1.0 .
+ARG RUST_IMAGE=rust:1.90-alpine3.22
+
+FROM ${RUST_IMAGE} AS build
+# musl-dev: libc headers for ring's C/asm parts; the alpine toolchain links statically by default.
+# The builder is pinned by its tag; apk package versions follow it.
+# hadolint ignore=DL3018
+RUN apk add --no-cache musl-dev
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p tracecar-proxy \
+ && install -D -m 0755 target/release/tracecar-proxy /out/tracecar-proxy
+
+FROM scratch
+LABEL org.opencontainers.image.title="tracecar-proxy" \
+      org.opencontainers.image.description="tracecar's tracing HTTP sidecar proxy" \
+      org.opencontainers.image.source="https://github.com/tracecar-dev/tracecar" \
+      org.opencontainers.image.licenses="Apache-2.0"
+# Root CAs for collectors with publicly trusted certificates (mTLS setups pass their own CA).
+COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+COPY --from=build /out/tracecar-proxy /usr/local/bin/tracecar-proxy
+# iptables rules exempt this uid's traffic from redirection: it must be exactly 2140.
+USER 2140:2140
+# outbound (loopback only), inbound, admin
+EXPOSE 15140 15143 15190
+ENTRYPOINT ["/usr/local/bin/tracecar-proxy"]
+CMD ["run"]
