@@ -1,0 +1,210 @@
+//! The traced HTTP hop shared by both listeners: start a span, pick the destination, forward,
+//! end the span with the response.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::Watcher;
+use tokio::net::TcpStream;
+
+use crate::forward::{local_response, ForwardError, ProxyBody, Upstream};
+use crate::metrics::Direction;
+use crate::trace::span::RequestInfo;
+use crate::trace::Telemetry;
+
+/// What one listener shares with its connections.
+#[derive(Debug)]
+pub struct Shared {
+    pub direction: Direction,
+    pub telemetry: Arc<Telemetry>,
+    pub upstream: Upstream,
+    pub connect_timeout: Duration,
+}
+
+/// One accepted connection's view: who sent it and where its requests go.
+#[derive(Debug)]
+pub struct Conn {
+    pub shared: Arc<Shared>,
+    pub peer: SocketAddr,
+    /// Fixed destination (original destination, or the inbound target); `None` on the outbound
+    /// listener means forward-proxy routing by the request itself.
+    pub target: Option<String>,
+}
+
+/// Serves HTTP/1 and HTTP/2 on `stream` until it closes or shutdown asks it to.
+pub async fn serve(conn: Conn, stream: TcpStream, watcher: Watcher) {
+    let conn = Arc::new(conn);
+    let direction = conn.shared.direction;
+    let metrics = conn.shared.telemetry.metrics.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(conn.handle(req).await) }
+    });
+    let mut builder = auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder.http1().keep_alive(true).half_close(true);
+    let served = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    if let Err(e) = watcher.watch(served.into_owned()).await {
+        // hyper has already answered a request it could not parse with 400.
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_parse() || h.is_parse_status())
+        {
+            metrics.direction(direction).malformed.inc();
+            tracing::debug!(error = %e, "malformed request");
+        }
+    }
+}
+
+fn split_authority(a: &http::uri::Authority, default_port: u16) -> (String, u16) {
+    let host = a.host().trim_matches(|c| c == '[' || c == ']');
+    (host.to_string(), a.port_u16().unwrap_or(default_port))
+}
+
+impl Conn {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let shared = &self.shared;
+        if req.method() == Method::CONNECT
+            && self.target.is_none()
+            && shared.direction == Direction::Outbound
+        {
+            return self.tunnel(req).await;
+        }
+        // Forward-proxy routing: absolute-form URI, else Host.
+        let routed: Option<(String, u16)> = match &self.target {
+            Some(_) => None,
+            None if shared.direction == Direction::Outbound => {
+                let from_uri = req.uri().authority().cloned();
+                let from_host = || {
+                    req.headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                };
+                match from_uri.or_else(from_host) {
+                    Some(a) => Some(split_authority(&a, 80)),
+                    None => {
+                        shared.telemetry.metrics.outbound.malformed.inc();
+                        return local_response(
+                            StatusCode::BAD_REQUEST,
+                            "tracecar: request names no destination (absolute URI or Host header)\n",
+                        );
+                    }
+                }
+            }
+            None => None,
+        };
+        let path = req.uri().path().to_owned();
+        let method = req.method().clone();
+        let version = req.version();
+        let info = RequestInfo {
+            method: &method,
+            path: &path,
+            scheme: "http",
+            version,
+            server_address: routed.as_ref().map(|(h, _)| h.as_str()),
+            server_port: routed.as_ref().map(|(_, p)| *p),
+            client_address: (shared.direction == Direction::Inbound).then(|| self.peer.ip()),
+        };
+        let mut span = match shared.direction {
+            Direction::Inbound => shared.telemetry.server_span(info, req.headers_mut()),
+            Direction::Outbound => shared.telemetry.client_span(info, req.headers_mut()),
+        };
+        let target = match (&self.target, &routed) {
+            (Some(t), _) => t.clone(),
+            (None, Some((h, p))) if h.contains(':') => format!("[{h}]:{p}"),
+            (None, Some((h, p))) => format!("{h}:{p}"),
+            (None, None) => {
+                let e =
+                    ForwardError::NoTarget("not redirected and TRACECAR_INBOUND_TARGET is unset");
+                span.set_status(StatusCode::BAD_GATEWAY);
+                span.fail(e.error_type(), e.to_string());
+                return local_response(StatusCode::BAD_GATEWAY, format!("tracecar: {e}\n"));
+            }
+        };
+        match shared.upstream.forward(req, &target, span).await {
+            Ok(resp) => resp,
+            Err((e, mut span)) => {
+                tracing::debug!(error = %e, "upstream failed");
+                span.set_status(StatusCode::BAD_GATEWAY);
+                span.fail(e.error_type(), e.to_string());
+                local_response(StatusCode::BAD_GATEWAY, format!("tracecar: {e}\n"))
+            }
+        }
+    }
+
+    /// `CONNECT host:port`: open the tunnel, answer 200, then splice bytes both ways.
+    async fn tunnel(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let shared = &self.shared;
+        let Some(authority) = req.uri().authority().cloned() else {
+            shared.telemetry.metrics.outbound.malformed.inc();
+            return local_response(
+                StatusCode::BAD_REQUEST,
+                "tracecar: CONNECT needs host:port\n",
+            );
+        };
+        let (host, port) = split_authority(&authority, 443);
+        let method = Method::CONNECT;
+        let info = RequestInfo {
+            method: &method,
+            path: "",
+            scheme: "http",
+            version: req.version(),
+            server_address: Some(&host),
+            server_port: Some(port),
+            client_address: None,
+        };
+        let mut span = shared.telemetry.client_span(info, req.headers_mut());
+        let connect = tokio::time::timeout(
+            shared.connect_timeout,
+            TcpStream::connect((host.as_str(), port)),
+        );
+        let upstream = match connect.await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    "connection_refused"
+                } else {
+                    "connect_error"
+                };
+                span.set_status(StatusCode::BAD_GATEWAY);
+                span.fail(kind, e.to_string());
+                return local_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("tracecar: cannot reach {authority}: {e}\n"),
+                );
+            }
+            Err(_) => {
+                span.set_status(StatusCode::BAD_GATEWAY);
+                span.fail(
+                    "connect_timeout",
+                    format!("timed out connecting to {authority}"),
+                );
+                return local_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("tracecar: timed out connecting to {authority}\n"),
+                );
+            }
+        };
+        span.set_status(StatusCode::OK);
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let _span = span; // open for the tunnel's lifetime
+            if let Ok(upgraded) = on_upgrade.await {
+                let mut upstream = upstream;
+                let _ =
+                    tokio::io::copy_bidirectional(&mut TokioIo::new(upgraded), &mut upstream).await;
+            }
+        });
+        let mut resp = Response::new(http_body_util::Either::Right(http_body_util::Full::new(
+            Bytes::new(),
+        )));
+        *resp.status_mut() = StatusCode::OK;
+        resp
+    }
+}

@@ -1,0 +1,275 @@
+//! The proxy's Prometheus metrics, served by the admin listener at `/metrics`.
+//!
+//! Hot-path counters are resolved once at start-up into plain handles, so recording a request
+//! is a few atomic adds with no label lookup.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Which listener a request or connection came through.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    direction: &'static str,
+    status_class: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProtocolLabels {
+    direction: &'static str,
+    protocol: &'static str,
+}
+
+/// Status classes a response is counted under; `error` means no response (upstream failure).
+const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
+
+/// Handles for one direction.
+#[derive(Debug)]
+pub struct DirectionMetrics {
+    by_class: [Counter; 6],
+    pub duration: Histogram,
+    pub open_connections: Gauge,
+    pub open_requests: Gauge,
+    pub malformed: Counter,
+}
+
+impl DirectionMetrics {
+    /// Counts a finished request; `status` is `None` when no response came from upstream.
+    pub fn record(&self, status: Option<u16>, elapsed: Duration) {
+        let i = match status {
+            Some(s @ 100..=599) => (s / 100 - 1) as usize,
+            _ => 5,
+        };
+        self.by_class[i].inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Every metric of one proxy.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub inbound: DirectionMetrics,
+    pub outbound: DirectionMetrics,
+    pub spans_started: Counter,
+    pub spans_exported: Counter,
+    spans_dropped: Family<ReasonLabels, Counter>,
+    pub export_errors: Counter,
+    /// 1 while the last export succeeded (or none was tried), 0 while exports fail.
+    pub export_healthy: Gauge,
+    pub export_queue: Gauge,
+    connections: Family<ProtocolLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tracecar");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let durations = Family::<DirectionLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        let open = Family::<DirectionLabels, Gauge>::default();
+        let in_flight = Family::<DirectionLabels, Gauge>::default();
+        let malformed = Family::<DirectionLabels, Counter>::default();
+        let direction = |d: Direction| DirectionMetrics {
+            by_class: CLASSES.map(|c| {
+                requests
+                    .get_or_create(&RequestLabels {
+                        direction: d.as_str(),
+                        status_class: c,
+                    })
+                    .clone()
+            }),
+            duration: durations
+                .get_or_create(&DirectionLabels {
+                    direction: d.as_str(),
+                })
+                .clone(),
+            open_connections: open
+                .get_or_create(&DirectionLabels {
+                    direction: d.as_str(),
+                })
+                .clone(),
+            open_requests: in_flight
+                .get_or_create(&DirectionLabels {
+                    direction: d.as_str(),
+                })
+                .clone(),
+            malformed: malformed
+                .get_or_create(&DirectionLabels {
+                    direction: d.as_str(),
+                })
+                .clone(),
+        };
+        let inbound = direction(Direction::Inbound);
+        let outbound = direction(Direction::Outbound);
+        registry.register(
+            "requests",
+            "HTTP requests by direction and status class",
+            requests,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to the end of the response body",
+            durations,
+        );
+        registry.register(
+            "open_connections",
+            "Client connections currently open",
+            open,
+        );
+        registry.register(
+            "requests_in_flight",
+            "Requests whose response has not ended",
+            in_flight,
+        );
+        registry.register(
+            "malformed_requests",
+            "Requests rejected with 400 because they could not be parsed",
+            malformed,
+        );
+        let spans_started = Counter::default();
+        let spans_exported = Counter::default();
+        let spans_dropped = Family::<ReasonLabels, Counter>::default();
+        let export_errors = Counter::default();
+        let export_healthy = Gauge::default();
+        export_healthy.set(1);
+        let export_queue = Gauge::default();
+        let connections = Family::<ProtocolLabels, Counter>::default();
+        registry.register("spans_started", "Spans started", spans_started.clone());
+        registry.register(
+            "spans_exported",
+            "Spans the collector accepted",
+            spans_exported.clone(),
+        );
+        registry.register(
+            "spans_dropped",
+            "Spans dropped, by reason",
+            spans_dropped.clone(),
+        );
+        registry.register(
+            "export_errors",
+            "Failed export attempts",
+            export_errors.clone(),
+        );
+        registry.register(
+            "export_healthy",
+            "1 while exports succeed, 0 while they fail",
+            export_healthy.clone(),
+        );
+        registry.register(
+            "export_queue_spans",
+            "Spans waiting to be exported",
+            export_queue.clone(),
+        );
+        registry.register(
+            "connections",
+            "Accepted connections by detected protocol",
+            connections.clone(),
+        );
+        Metrics {
+            registry,
+            inbound,
+            outbound,
+            spans_started,
+            spans_exported,
+            spans_dropped,
+            export_errors,
+            export_healthy,
+            export_queue,
+            connections,
+        }
+    }
+
+    pub fn direction(&self, d: Direction) -> &DirectionMetrics {
+        match d {
+            Direction::Inbound => &self.inbound,
+            Direction::Outbound => &self.outbound,
+        }
+    }
+
+    /// Counts `n` spans lost for `reason` (`queue_full`, `export_failed`, `shutdown`).
+    pub fn spans_dropped(&self, reason: &'static str, n: u64) {
+        self.spans_dropped
+            .get_or_create(&ReasonLabels { reason })
+            .inc_by(n);
+    }
+
+    pub fn connection(&self, direction: Direction, protocol: &'static str) {
+        self.connections
+            .get_or_create(&ProtocolLabels {
+                direction: direction.as_str(),
+                protocol,
+            })
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_direction_and_class() {
+        let m = Metrics::new();
+        m.inbound.record(Some(204), Duration::from_millis(3));
+        m.inbound.record(Some(503), Duration::from_millis(3));
+        m.outbound.record(None, Duration::from_millis(3));
+        m.spans_dropped("queue_full", 2);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"tracecar_requests_total{direction="inbound",status_class="2xx"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tracecar_requests_total{direction="inbound",status_class="5xx"} 1"#)
+        );
+        assert!(text
+            .contains(r#"tracecar_requests_total{direction="outbound",status_class="error"} 1"#));
+        assert!(text.contains(r#"tracecar_spans_dropped_total{reason="queue_full"} 2"#));
+    }
+}

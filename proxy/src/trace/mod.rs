@@ -1,0 +1,146 @@
+//! Spans for proxied requests: start them from the request, propagate context, end them with
+//! the response, and export them.
+//!
+//! - [`span`]: the SERVER/CLIENT span of one request and the body wrapper that ends it.
+//! - [`propagate`]: the configured context formats.
+//! - [`correlate`]: parents outbound calls without context on in-flight inbound requests.
+//! - [`export`]: the bounded export queue; [`otlp`], [`console`]: the exporters; [`tls`]: export TLS.
+
+pub mod console;
+pub mod correlate;
+pub mod export;
+pub mod otlp;
+pub mod propagate;
+pub mod span;
+pub mod tls;
+
+use std::sync::Arc;
+
+use opentelemetry::propagation::TextMapCompositePropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::trace::{Sampler as SdkSampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+use tokio::sync::mpsc;
+
+use crate::config::{Config, Correlation, Sampler, TracesExporter};
+use crate::metrics::Metrics;
+
+pub use span::{RequestSpan, TracedBody};
+
+/// Where this proxy's spans go; `Config` decides unless a caller (demo, tests) overrides it.
+#[derive(Debug)]
+pub enum Sink {
+    FromConfig,
+    Channel(mpsc::UnboundedSender<export::SpanRecord>),
+}
+
+/// A failure to set up tracing.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error(transparent)]
+    Otlp(#[from] otlp::OtlpError),
+}
+
+/// The tracer, propagator and export pipeline of one proxy.
+#[derive(Debug)]
+pub struct Telemetry {
+    tracer: SdkTracer,
+    provider: SdkTracerProvider,
+    propagator: Option<TextMapCompositePropagator>,
+    inflight: Option<Arc<correlate::Inflight>>,
+    export: Option<export::ExportHandle>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Telemetry {
+    /// Builds the pipeline; must run inside the tokio runtime (the export task is spawned).
+    pub fn new(
+        config: &Config,
+        sink: Sink,
+        metrics: Arc<Metrics>,
+    ) -> Result<Telemetry, TelemetryError> {
+        let resource = resource(config);
+        let exporter = match sink {
+            Sink::Channel(tx) => Some(export::Exporter::Channel {
+                tx,
+                service: std::sync::Arc::from(""),
+            }),
+            Sink::FromConfig => match config.exporter {
+                TracesExporter::None => None,
+                TracesExporter::Console => Some(export::Exporter::Console(
+                    console::ConsoleExporter::default(),
+                )),
+                TracesExporter::Otlp => Some(export::Exporter::Otlp(otlp::exporter(&config.otlp)?)),
+            },
+        };
+        let mut builder = SdkTracerProvider::builder()
+            .with_sampler(sampler(config.sampler))
+            .with_resource(resource.clone());
+        let mut export = None;
+        if let Some(exporter) = exporter {
+            let (processor, handle) =
+                export::QueueProcessor::start(exporter, &resource, config.batch, metrics.clone());
+            builder = builder.with_span_processor(processor);
+            export = Some(handle);
+        }
+        let provider = builder.build();
+        let tracer = provider.tracer("tracecar-proxy");
+        let propagator =
+            (!config.propagators.is_empty()).then(|| propagate::composite(&config.propagators));
+        let inflight = (config.correlation == Correlation::Inflight).then(Default::default);
+        Ok(Telemetry {
+            tracer,
+            provider,
+            propagator,
+            inflight,
+            export,
+            metrics,
+        })
+    }
+
+    /// Exports every finished span, waiting at most `timeout`.
+    pub async fn flush(&self, timeout: std::time::Duration) -> bool {
+        match &self.export {
+            Some(h) => h.flush(timeout).await,
+            None => true,
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+fn sampler(s: Sampler) -> SdkSampler {
+    let parent = |root: SdkSampler| SdkSampler::ParentBased(Box::new(root));
+    match s {
+        Sampler::AlwaysOn => SdkSampler::AlwaysOn,
+        Sampler::AlwaysOff => SdkSampler::AlwaysOff,
+        Sampler::TraceIdRatio(r) => SdkSampler::TraceIdRatioBased(r),
+        Sampler::ParentBasedAlwaysOn => parent(SdkSampler::AlwaysOn),
+        Sampler::ParentBasedAlwaysOff => parent(SdkSampler::AlwaysOff),
+        Sampler::ParentBasedTraceIdRatio(r) => parent(SdkSampler::TraceIdRatioBased(r)),
+    }
+}
+
+/// The resource: service name, `OTEL_RESOURCE_ATTRIBUTES`, pod metadata and the SDK's own keys.
+fn resource(config: &Config) -> Resource {
+    Resource::builder_empty()
+        .with_service_name(config.service_name.clone())
+        .with_attributes(
+            config
+                .resource
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+        )
+        .with_attributes([
+            KeyValue::new("telemetry.sdk.name", "opentelemetry"),
+            KeyValue::new("telemetry.sdk.language", "rust"),
+            KeyValue::new("telemetry.distro.name", "tracecar"),
+            KeyValue::new("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
+        ])
+        .build()
+}

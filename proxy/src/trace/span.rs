@@ -1,0 +1,354 @@
+//! The span of one proxied request, from its headers to the end of its response body.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Instant;
+
+use http::{HeaderMap, Method, Version};
+use http_body::{Body, Frame, SizeHint};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{SpanBuilder, SpanKind, Status, TraceContextExt, Tracer};
+use opentelemetry::{Context, KeyValue, StringValue, Value};
+use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_sdk::trace::Span as SdkSpan;
+
+use crate::metrics::Direction;
+
+use super::correlate::InflightGuard;
+use super::Telemetry;
+
+/// What the proxy knows about a request when its span starts.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub scheme: &'static str,
+    pub version: Version,
+    /// Host (without port) the request was addressed to; `None`: taken from the Host header.
+    pub server_address: Option<&'a str>,
+    pub server_port: Option<u16>,
+    /// The peer that sent the request (inbound only).
+    pub client_address: Option<IpAddr>,
+}
+
+/// A request's span and timing; ends the span and records metrics when dropped.
+#[derive(Debug)]
+pub struct RequestSpan {
+    span: SdkSpan,
+    direction: Direction,
+    started: Instant,
+    status: Option<u16>,
+    telemetry: std::sync::Arc<Telemetry>,
+    _inflight: Option<InflightGuard>,
+    /// False for opaque connection spans, which are not HTTP requests.
+    count_request: bool,
+}
+
+fn static_method(m: &Method) -> Value {
+    let s: &'static str = match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        // Semantic conventions: unknown methods are recorded as _OTHER.
+        _ => "_OTHER",
+    };
+    Value::String(StringValue::from(s))
+}
+
+fn protocol_version(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_11 => "1.1",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    }
+}
+
+fn attributes(info: &RequestInfo<'_>, headers: &HeaderMap) -> Vec<KeyValue> {
+    let mut attrs = Vec::with_capacity(10);
+    attrs.push(KeyValue::new(
+        "http.request.method",
+        static_method(info.method),
+    ));
+    attrs.push(KeyValue::new("url.path", info.path.to_owned()));
+    attrs.push(KeyValue::new("url.scheme", info.scheme));
+    attrs.push(KeyValue::new(
+        "network.protocol.version",
+        protocol_version(info.version),
+    ));
+    // Inbound requests name their server in the Host header (or :authority).
+    let host_header = headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.parse::<http::uri::Authority>().ok());
+    let (address, port) = match (info.server_address, &host_header) {
+        (Some(a), _) => (Some(a), info.server_port),
+        (None, Some(h)) => (Some(h.host()), h.port_u16().or(info.server_port)),
+        (None, None) => (None, info.server_port),
+    };
+    if let Some(host) = address {
+        attrs.push(KeyValue::new(
+            "server.address",
+            host.trim_matches(|c| c == '[' || c == ']').to_owned(),
+        ));
+    }
+    if let Some(port) = port {
+        attrs.push(KeyValue::new("server.port", port as i64));
+    }
+    if let Some(ip) = info.client_address {
+        attrs.push(KeyValue::new("client.address", ip.to_string()));
+    }
+    if let Some(ua) = headers
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+    {
+        attrs.push(KeyValue::new("user_agent.original", ua.to_owned()));
+    }
+    attrs
+}
+
+impl Telemetry {
+    /// Starts the SERVER span of an inbound request: continues the context in its headers and
+    /// replaces that context with the proxy's span, so the app sees the proxy as parent.
+    pub fn server_span(
+        self: &std::sync::Arc<Self>,
+        info: RequestInfo<'_>,
+        headers: &mut HeaderMap,
+    ) -> RequestSpan {
+        let parent = match &self.propagator {
+            Some(p) => p.extract(&HeaderExtractor(headers)),
+            None => Context::new(),
+        };
+        let mut rs = self.start(SpanKind::Server, info, headers, &parent, Direction::Inbound);
+        if let Some(inflight) = &self.inflight {
+            rs._inflight = Some(inflight.enter(rs.span_context()));
+        }
+        rs
+    }
+
+    /// Starts the CLIENT span of an outbound request. Without context in its headers, the span
+    /// is parented on the newest in-flight inbound request when correlation is on.
+    pub fn client_span(
+        self: &std::sync::Arc<Self>,
+        info: RequestInfo<'_>,
+        headers: &mut HeaderMap,
+    ) -> RequestSpan {
+        let mut parent = match &self.propagator {
+            Some(p) => p.extract(&HeaderExtractor(headers)),
+            None => Context::new(),
+        };
+        let mut correlated = false;
+        if !parent.span().span_context().is_valid() {
+            if let Some(sc) = self.inflight.as_ref().and_then(|i| i.newest()) {
+                parent = parent.with_remote_span_context(sc);
+                correlated = true;
+            }
+        }
+        let mut rs = self.start(
+            SpanKind::Client,
+            info,
+            headers,
+            &parent,
+            Direction::Outbound,
+        );
+        if correlated {
+            opentelemetry::trace::Span::set_attribute(
+                &mut rs.span,
+                KeyValue::new("tracecar.correlation", "inflight"),
+            );
+        }
+        rs
+    }
+
+    /// Starts the CLIENT span of a captured TLS connection, which the proxy passes through
+    /// untouched: it knows only the server name (SNI) and the address.
+    pub fn tls_span(
+        self: &std::sync::Arc<Self>,
+        sni: Option<&str>,
+        dst: std::net::SocketAddr,
+    ) -> RequestSpan {
+        let parent = match self.inflight.as_ref().and_then(|i| i.newest()) {
+            Some(sc) => Context::new().with_remote_span_context(sc),
+            None => Context::new(),
+        };
+        let mut attrs = vec![
+            KeyValue::new("network.transport", "tcp"),
+            KeyValue::new("tls.established", true),
+            KeyValue::new("server.port", dst.port() as i64),
+            KeyValue::new("network.peer.address", dst.ip().to_string()),
+        ];
+        let name = match sni {
+            Some(s) => {
+                attrs.push(KeyValue::new("server.address", s.to_owned()));
+                format!("TLS {s}")
+            }
+            None => {
+                attrs.push(KeyValue::new("server.address", dst.ip().to_string()));
+                "TLS".to_owned()
+            }
+        };
+        let span = self.tracer.build_with_context(
+            SpanBuilder::from_name(name)
+                .with_kind(SpanKind::Client)
+                .with_attributes(attrs),
+            &parent,
+        );
+        RequestSpan {
+            span,
+            direction: Direction::Outbound,
+            started: Instant::now(),
+            status: None,
+            telemetry: self.clone(),
+            _inflight: None,
+            count_request: false,
+        }
+    }
+
+    fn start(
+        self: &std::sync::Arc<Self>,
+        kind: SpanKind,
+        info: RequestInfo<'_>,
+        headers: &mut HeaderMap,
+        parent: &Context,
+        direction: Direction,
+    ) -> RequestSpan {
+        let name = match static_method(info.method) {
+            Value::String(s) => s,
+            _ => StringValue::from("HTTP"),
+        };
+        let builder = SpanBuilder::from_name(name.as_str().to_owned())
+            .with_kind(kind)
+            .with_attributes(attributes(&info, headers));
+        let span = self.tracer.build_with_context(builder, parent);
+        if let Some(p) = &self.propagator {
+            let cx = parent
+                .with_remote_span_context(opentelemetry::trace::Span::span_context(&span).clone());
+            p.inject_context(&cx, &mut HeaderInjector(headers));
+        }
+        self.metrics.direction(direction).open_requests.inc();
+        RequestSpan {
+            span,
+            direction,
+            started: Instant::now(),
+            status: None,
+            telemetry: self.clone(),
+            _inflight: None,
+            count_request: true,
+        }
+    }
+}
+
+impl RequestSpan {
+    pub fn span_context(&self) -> opentelemetry::trace::SpanContext {
+        opentelemetry::trace::Span::span_context(&self.span).clone()
+    }
+
+    /// Records the response status; 5xx (and 4xx on CLIENT spans) mark the span as an error.
+    pub fn set_status(&mut self, status: http::StatusCode) {
+        use opentelemetry::trace::Span as _;
+        let code = status.as_u16();
+        self.status = Some(code);
+        self.span
+            .set_attribute(KeyValue::new("http.response.status_code", code as i64));
+        let error = match self.direction {
+            Direction::Inbound => code >= 500,
+            Direction::Outbound => code >= 400,
+        };
+        if error {
+            self.span
+                .set_attribute(KeyValue::new("error.type", code.to_string()));
+            self.span.set_status(Status::error(""));
+        }
+    }
+
+    /// Marks the request as failed without a response from upstream (`error.type`).
+    pub fn fail(&mut self, error_type: &'static str, message: String) {
+        use opentelemetry::trace::Span as _;
+        self.span
+            .set_attribute(KeyValue::new("error.type", error_type));
+        self.span.set_status(Status::error(message));
+    }
+
+    /// Adds an attribute (e.g. what was learnt after the span started).
+    pub fn set_attribute(&mut self, kv: KeyValue) {
+        opentelemetry::trace::Span::set_attribute(&mut self.span, kv);
+    }
+}
+
+impl Drop for RequestSpan {
+    fn drop(&mut self) {
+        use opentelemetry::trace::Span as _;
+        self.span.end();
+        let m = self.telemetry.metrics.direction(self.direction);
+        if self.count_request {
+            m.open_requests.dec();
+            m.record(self.status, self.started.elapsed());
+        }
+    }
+}
+
+/// A response body that keeps the request's span open until the last byte (or an error).
+#[derive(Debug)]
+pub struct TracedBody<B> {
+    inner: B,
+    span: Option<RequestSpan>,
+}
+
+impl<B> TracedBody<B> {
+    pub fn new(inner: B, span: RequestSpan) -> Self {
+        TracedBody {
+            inner,
+            span: Some(span),
+        }
+    }
+}
+
+impl<B> Body for TracedBody<B>
+where
+    B: Body + Unpin,
+    B::Error: std::fmt::Display,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                this.span.take();
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(mut span) = this.span.take() {
+                    span.fail("response_body_error", e.to_string());
+                }
+            }
+            _ => {
+                if this.inner.is_end_stream() {
+                    this.span.take();
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

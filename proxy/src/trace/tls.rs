@@ -1,0 +1,221 @@
+//! TLS for the export connection: CA bundle, optional client certificate (mutual TLS), reloaded
+//! from disk when the files change.
+//!
+//! Kubernetes rotates a mounted Secret by swapping a symlink, so the watcher compares file
+//! contents rather than watching inodes. A new pair that fails to load (half-written, key not
+//! matching the certificate) is rejected with one log line and the previous material stays.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore};
+
+use crate::config::ExportTls;
+
+/// A problem with the export TLS material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {var} file {path:?}: {source}")]
+    Read {
+        var: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{var} file {path:?} holds no usable {what}")]
+    Empty {
+        var: &'static str,
+        path: String,
+        what: &'static str,
+    },
+    #[error("client key does not match client certificate ({cert:?}, {key:?}): {reason}")]
+    Mismatch {
+        cert: String,
+        key: String,
+        reason: String,
+    },
+    #[error("TLS setup failed: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The raw file contents a config was built from, to notice changes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+struct Snapshot {
+    ca: Option<Vec<u8>>,
+    cert: Option<Vec<u8>>,
+    key: Option<Vec<u8>>,
+}
+
+/// The current client TLS configuration, swapped in place on rotation.
+#[derive(Debug)]
+pub struct TlsSource {
+    files: ExportTls,
+    alpn: Vec<Vec<u8>>,
+    current: RwLock<(Snapshot, Arc<ClientConfig>)>,
+}
+
+fn read(var: &'static str, path: &Option<String>) -> Result<Option<Vec<u8>>, TlsError> {
+    match path {
+        None => Ok(None),
+        Some(p) => std::fs::read(p).map(Some).map_err(|source| TlsError::Read {
+            var,
+            path: p.clone(),
+            source,
+        }),
+    }
+}
+
+impl TlsSource {
+    /// Loads the material now; an error here is a start-up error.
+    pub fn load(files: &ExportTls, alpn: &[&[u8]]) -> Result<Arc<TlsSource>, TlsError> {
+        let alpn: Vec<Vec<u8>> = alpn.iter().map(|a| a.to_vec()).collect();
+        let snap = Self::snapshot(files)?;
+        let config = build(files, &snap, &alpn)?;
+        Ok(Arc::new(TlsSource {
+            files: files.clone(),
+            alpn,
+            current: RwLock::new((snap, Arc::new(config))),
+        }))
+    }
+
+    fn snapshot(files: &ExportTls) -> Result<Snapshot, TlsError> {
+        Ok(Snapshot {
+            ca: read("OTEL_EXPORTER_OTLP_CERTIFICATE", &files.ca_file)?,
+            cert: read(
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                &files.client_cert_file,
+            )?,
+            key: read("OTEL_EXPORTER_OTLP_CLIENT_KEY", &files.client_key_file)?,
+        })
+    }
+
+    /// The configuration new connections should use.
+    pub fn config(&self) -> Arc<ClientConfig> {
+        match self.current.read() {
+            Ok(g) => g.1.clone(),
+            Err(p) => p.into_inner().1.clone(),
+        }
+    }
+
+    pub fn server_name_override(&self) -> Option<&str> {
+        self.files.server_name.as_deref()
+    }
+
+    /// Re-reads the files; swaps the config if they changed and load cleanly.
+    /// Returns `Ok(true)` when new material was taken.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let snap = Self::snapshot(&self.files)?;
+        if self.current.read().map(|g| g.0 == snap).unwrap_or(false) {
+            return Ok(false);
+        }
+        let config = build(&self.files, &snap, &self.alpn)?;
+        if let Ok(mut g) = self.current.write() {
+            *g = (snap, Arc::new(config));
+        }
+        Ok(true)
+    }
+
+    /// Polls the files every `period` for as long as the source is in use.
+    pub fn watch(self: &Arc<Self>, period: Duration) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut last_error: Option<String> = None;
+            loop {
+                tokio::time::sleep(period).await;
+                let Some(source) = weak.upgrade() else { return };
+                match source.reload() {
+                    Ok(true) => {
+                        tracing::info!(
+                            "export TLS material changed on disk; new connections use it"
+                        );
+                        last_error = None;
+                    }
+                    Ok(false) => last_error = None,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        if last_error.as_deref() != Some(msg.as_str()) {
+                            tracing::warn!(error = %msg, "new export TLS material rejected; keeping the previous material");
+                            last_error = Some(msg);
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn build(files: &ExportTls, snap: &Snapshot, alpn: &[Vec<u8>]) -> Result<ClientConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    match &snap.ca {
+        Some(pem) => {
+            let certs = certs(pem);
+            if certs.is_empty() {
+                return Err(TlsError::Empty {
+                    var: "OTEL_EXPORTER_OTLP_CERTIFICATE",
+                    path: files.ca_file.clone().unwrap_or_default(),
+                    what: "PEM certificate",
+                });
+            }
+            for c in certs {
+                roots.add(c)?;
+            }
+        }
+        None => {
+            // No CA bundle given: trust the system's roots, as an SDK would.
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots);
+    let mut config = match (&snap.cert, &snap.key) {
+        (Some(cert_pem), Some(key_pem)) => {
+            let cert_path = files.client_cert_file.clone().unwrap_or_default();
+            let key_path = files.client_key_file.clone().unwrap_or_default();
+            let chain = certs(cert_pem);
+            if chain.is_empty() {
+                return Err(TlsError::Empty {
+                    var: "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                    path: cert_path,
+                    what: "PEM certificate",
+                });
+            }
+            let key = private_key(key_pem).ok_or_else(|| TlsError::Empty {
+                var: "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+                path: key_path.clone(),
+                what: "PEM private key (PKCS#8, SEC1 or PKCS#1)",
+            })?;
+            let signing = provider
+                .key_provider
+                .load_private_key(key.clone_key())
+                .map_err(|e| TlsError::Mismatch {
+                    cert: cert_path.clone(),
+                    key: key_path.clone(),
+                    reason: e.to_string(),
+                })?;
+            let certified = rustls::sign::CertifiedKey::new(chain.clone(), signing);
+            certified.keys_match().map_err(|e| TlsError::Mismatch {
+                cert: cert_path.clone(),
+                key: key_path.clone(),
+                reason: e.to_string(),
+            })?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.to_vec();
+    Ok(config)
+}
+
+fn certs(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    rustls_pemfile::certs(&mut &pem[..])
+        .filter_map(Result::ok)
+        .collect()
+}
+
+fn private_key(pem: &[u8]) -> Option<PrivateKeyDer<'static>> {
+    rustls_pemfile::private_key(&mut &pem[..]).ok().flatten()
+}
