@@ -49,7 +49,8 @@ tmp="$(mktemp -d)"
 fake_pid=""
 cleanup() {
   [ -n "$fake_pid" ] && kill "$fake_pid" 2>/dev/null
-  rm -rf "$tmp"
+  [ -n "${inj_pid:-}" ] && kill "$inj_pid" 2>/dev/null
+  [ -n "${KEEP_TMP:-}" ] && echo "kept $tmp" || rm -rf "$tmp"
 }
 trap cleanup EXIT
 
@@ -787,6 +788,80 @@ if [ -n "$serve_help" ]; then
   fi
 else
   skip "tracecar-injector binary with 'serve --help' not built (cargo build -p tracecar-injector)"
+fi
+
+# The injector binary, started with exactly the chart's flags (listen addresses and certificate
+# paths moved to this machine), serves the chart's webhook: the chart's CA verifies it under the
+# Service's DNS name, /ready answers, and a pod review to the chart's path comes back patched.
+if [ -n "$serve_help" ] && [ -s "$tmp/pem/ca.crt" ]; then
+  cat >"$tmp/review.json" <<'EOF'
+{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{
+ "uid":"0b1c2d3e-0000-4000-8000-000000000001",
+ "kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},
+ "requestKind":{"group":"","version":"v1","kind":"Pod"},"requestResource":{"group":"","version":"v1","resource":"pods"},
+ "namespace":"shop","operation":"CREATE","userInfo":{"username":"system:serviceaccount:kube-system:replicaset-controller"},
+ "object":{"apiVersion":"v1","kind":"Pod","metadata":{"generateName":"web-7d9c-","namespace":"shop","labels":{"app":"web"}},
+   "spec":{"containers":[{"name":"web","image":"nginx:1.27","ports":[{"containerPort":8080}]}]}},
+ "oldObject":null,"dryRun":false,"options":{"apiVersion":"meta.k8s.io/v1","kind":"CreateOptions"}}}
+EOF
+  for s in default http-proxy; do
+    [ -s "$tmp/$s.yaml" ] || continue
+    read -r p_hook p_admin < <(python3 -c 'import socket
+ss = [socket.socket() for _ in range(2)]
+[x.bind(("127.0.0.1", 0)) for x in ss]
+print(*[x.getsockname()[1] for x in ss])')
+    python3 - "$tmp/$s.yaml" "$tmp/pem" "$p_hook" "$p_admin" >"$tmp/args-$s.txt" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+c = [d for d in docs if d["kind"] == "Deployment"][0]["spec"]["template"]["spec"]["containers"][0]
+pem, hook, admin = sys.argv[2:5]
+for a in c["args"]:
+    a = a.replace("0.0.0.0:8443", f"127.0.0.1:{hook}").replace("0.0.0.0:9090", f"127.0.0.1:{admin}")
+    print(a.replace("/etc/tracecar/webhook-tls", pem))
+PY
+    read -r host path < <(python3 -c 'import sys, yaml
+d = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d and d["kind"] == "MutatingWebhookConfiguration"][0]
+s = d["webhooks"][0]["clientConfig"]["service"]
+print(s["name"] + "." + s["namespace"] + ".svc", s["path"])' "$tmp/$s.yaml")
+    mapfile -t inj_args <"$tmp/args-$s.txt"
+    TRACECAR_INJECTOR_LOG=info "$inj_bin" "${inj_args[@]}" >"$tmp/inj-$s.log" 2>&1 &
+    inj_pid=$!
+    ready=""
+    for _ in $(seq 100); do
+      if curl -sf "http://127.0.0.1:$p_admin/ready" >/dev/null 2>&1; then ready=1; break; fi
+      kill -0 "$inj_pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    if [ -z "$ready" ]; then
+      fail "injector with the chart's flags ($s) did not become ready"; sed 's/^/    /' "$tmp/inj-$s.log" | tail -5
+    elif curl -sS --fail --cacert "$tmp/pem/ca.crt" --resolve "$host:$p_hook:127.0.0.1" \
+        -H 'Content-Type: application/json' --data-binary @"$tmp/review.json" \
+        "https://$host:$p_hook$path" >"$tmp/resp-$s.json" 2>"$tmp/curl-$s.err" \
+      && python3 - "$tmp/resp-$s.json" "$tmp/args-$s.txt" <<'PY'
+import base64, json, sys
+r = json.load(open(sys.argv[1]))["response"]
+want = [a.split("=", 1)[1] for a in open(sys.argv[2]).read().split() if a.startswith("--proxy-image=")][0]
+raw = r.get("patch", "")
+# Go's JSON decoder (the API server's) reads []byte from a base64 string or an array of numbers.
+raw = bytes(raw) if isinstance(raw, list) else base64.b64decode(raw)
+patch = json.loads(raw or b"[]")
+text = json.dumps(patch)
+ok = r.get("allowed") is True and r.get("uid") == "0b1c2d3e-0000-4000-8000-000000000001" \
+    and r.get("patchType") == "JSONPatch" and want in text
+print(f"    allowed={r.get('allowed')}, {len(patch)} patch ops, proxy image {want} in patch: {want in text}")
+sys.exit(0 if ok else 1)
+PY
+    then
+      pass "injector run with the chart's flags ($s) serves $path with TLS the chart's caBundle trusts, patches a pod"
+    else
+      fail "webhook call to the injector run with the chart's flags ($s)"
+      sed 's/^/    /' "$tmp/curl-$s.err" 2>/dev/null
+      sed 's/^/    /' "$tmp/inj-$s.log" | tail -5
+    fi
+    kill "$inj_pid" 2>/dev/null; wait "$inj_pid" 2>/dev/null
+  done
+else
+  skip "tracecar-injector binary not built: the chart's flags were not run against it"
 fi
 
 # --- examples ---------------------------------------------------------------------------------
