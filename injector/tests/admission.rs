@@ -1,0 +1,327 @@
+//! The webhook end to end: every fixture pod is sent as a real AdmissionReview over HTTPS
+//! to the real server on loopback; the returned JSON Patch is applied with json-patch, the
+//! result compared with a golden file and validated strictly with `kubernetes-validate`
+//! for Kubernetes 1.29 and the newest version it ships; re-admitting the result changes
+//! nothing.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clap::Parser;
+use common::{Client, Pki};
+use kube::core::admission::AdmissionReview;
+use kube::core::DynamicObject;
+use serde_json::Value;
+use tracecar_injector::config::{Defaults, DefaultsArgs};
+
+#[derive(Parser)]
+struct Flags {
+    #[command(flatten)]
+    d: DefaultsArgs,
+}
+
+fn defaults_from(flags: &[String]) -> Defaults {
+    let args = std::iter::once("test".to_owned()).chain(flags.iter().cloned());
+    Flags::try_parse_from(args).unwrap().d.validate().unwrap()
+}
+
+struct Case {
+    name: String,
+    flags: Vec<String>,
+    path: String,
+    pod: Value,
+}
+
+/// Reads the fixtures; `# flags: ...` and `# path: ...` header comments set the server's
+/// defaults and the endpoint.
+fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(common::fixtures_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    entries.sort();
+    for p in entries {
+        let text = std::fs::read_to_string(&p).unwrap();
+        let mut flags = Vec::new();
+        let mut path = "/inject".to_owned();
+        for line in text.lines().take_while(|l| l.starts_with('#')) {
+            if let Some(f) = line.strip_prefix("# flags:") {
+                flags = f.split_whitespace().map(str::to_owned).collect();
+            }
+            if let Some(f) = line.strip_prefix("# path:") {
+                path = f.trim().to_owned();
+            }
+        }
+        let name = p.file_stem().unwrap().to_string_lossy().into_owned();
+        out.push(Case { name, flags, path, pod: common::load_yaml(&p) });
+    }
+    assert!(out.len() >= 15, "fixture corpus is missing");
+    out
+}
+
+struct Outcome {
+    warnings: Vec<String>,
+    patched: Option<Value>,
+}
+
+async fn admit(client: &Client, addr: std::net::SocketAddr, path: &str, pod: &Value, uid: &str) -> Outcome {
+    let body = serde_json::to_vec(&common::review(pod, uid)).unwrap();
+    let reply = client.post(addr, path, body).await.expect("request");
+    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(review.types.api_version, "admission.k8s.io/v1");
+    assert_eq!(review.types.kind, "AdmissionReview");
+    let raw: Value = serde_json::from_slice(&reply.body).unwrap();
+    let resp = review.response.expect("response");
+    assert_eq!(resp.uid, uid);
+    assert!(resp.allowed, "tracecar never denies a pod");
+    let patched = resp.patch.map(|bytes| {
+        assert_eq!(raw.pointer("/response/patchType").and_then(Value::as_str), Some("JSONPatch"));
+        let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+        let mut doc = pod.clone();
+        json_patch::patch(&mut doc, &patch).unwrap_or_else(|e| panic!("patch does not apply: {e}"));
+        doc
+    });
+    Outcome { warnings: resp.warnings.unwrap_or_default(), patched }
+}
+
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .and_then(|l| l.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no {name} in {list}"))
+}
+
+fn names(list: &Value) -> Vec<&str> {
+    list.as_array().map(|l| l.iter().filter_map(|c| c["name"].as_str()).collect()).unwrap_or_default()
+}
+
+fn env<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+    container["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"].as_str()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixture_corpus_over_https() {
+    let pki = Pki::new();
+    let leaf = pki.leaf("tracecar-injector.tracecar-system.svc");
+    let client = Client::new(&pki);
+    let mut servers = BTreeMap::new();
+    let mut dirs = Vec::new();
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut to_validate = Vec::new();
+    let mut outcomes = BTreeMap::new();
+
+    for (i, case) in cases().into_iter().enumerate() {
+        let key = case.flags.join(" ");
+        if !servers.contains_key(&key) {
+            let dir = tempfile::tempdir().unwrap();
+            let running = common::start(dir.path(), &leaf, defaults_from(&case.flags), Duration::from_secs(2)).await;
+            servers.insert(key.clone(), running);
+            dirs.push(dir);
+        }
+        let addr = servers[&key].addr;
+        let uid = format!("00000000-0000-0000-0000-{i:012}");
+        let out = admit(&client, addr, &case.path, &case.pod, &uid).await;
+        common::golden(
+            &format!("{}.json", case.name),
+            &serde_json::json!({"warnings": out.warnings, "patched": out.patched}),
+        );
+        if let Some(patched) = &out.patched {
+            // Idempotent: the injected pod is left alone.
+            let again = admit(&client, addr, &case.path, patched, &format!("{uid}-again")).await;
+            assert!(again.patched.is_none(), "{}: re-admission patched again", case.name);
+            // The API server names generateName pods after admission; the validator needs a name.
+            let mut named_pod = patched.clone();
+            if named_pod.pointer("/metadata/name").is_none() {
+                let base = named_pod["metadata"]["generateName"].as_str().unwrap_or("pod-").to_owned();
+                named_pod["metadata"]["name"] = Value::String(format!("{base}x7k2q"));
+            }
+            let file = out_dir.path().join(format!("{}.json", case.name));
+            std::fs::write(&file, serde_json::to_vec_pretty(&named_pod).unwrap()).unwrap();
+            to_validate.push(file);
+        }
+        outcomes.insert(case.name.clone(), out);
+    }
+
+    check_behaviour(&outcomes);
+
+    if let Some(versions) = common::validate_versions() {
+        common::validate_strict(&to_validate, &versions);
+    }
+
+    // Every decision was counted.
+    let running = servers.remove("").unwrap();
+    let (status, metrics) = common::get(running.admin_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    for line in [
+        "tracecar_injector_admissions_total{reason=\"host-network\"} 1",
+        "tracecar_injector_admissions_total{reason=\"already-injected\"}",
+        "tracecar_injector_admissions_total{reason=\"disabled-by-annotation\"} 1",
+        "tracecar_injector_admissions_total{reason=\"injector-pod\"} 1",
+        "tracecar_injector_admissions_total{reason=\"not-opted-in\"} 1",
+        "tracecar_injector_annotation_warnings_total{annotation=\"tracecar.dev/sampling-ratio\"} 1",
+        "tracecar_injector_annotation_warnings_total{annotation=\"unknown\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing {line} in\n{metrics}");
+    }
+    for (_, s) in servers {
+        s.shutdown().await;
+    }
+    running.shutdown().await;
+}
+
+/// What a user sees, fixture by fixture (independent of the golden files).
+fn check_behaviour(o: &BTreeMap<String, Outcome>) {
+    let patched = |n: &str| o[n].patched.as_ref().unwrap_or_else(|| panic!("{n} was not injected"));
+    for n in ["host-network", "already-injected", "opted-out", "injector-self", "opt-in-absent"] {
+        assert!(o[n].patched.is_none(), "{n} must not be injected");
+    }
+
+    let p = patched("plain");
+    let init = &p["spec"]["initContainers"];
+    assert_eq!(names(init), ["tracecar-init", "tracecar-proxy"]);
+    let proxy = named(init, "tracecar-proxy");
+    assert_eq!(proxy["restartPolicy"], "Always");
+    assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(proxy["startupProbe"]["httpGet"]["port"], 15190);
+    assert_eq!(proxy["livenessProbe"]["httpGet"]["path"], "/live");
+    let sc = &proxy["securityContext"];
+    assert_eq!((sc["runAsUser"].as_i64(), sc["runAsGroup"].as_i64()), (Some(2140), Some(2140)));
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(proxy["resources"], serde_json::json!({"requests": {"cpu": "10m", "memory": "20Mi"}, "limits": {"memory": "64Mi"}}));
+    let isc = &named(init, "tracecar-init")["securityContext"];
+    assert_eq!(isc["capabilities"]["add"], serde_json::json!(["NET_ADMIN", "NET_RAW"]));
+    assert_eq!(isc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!((isc["runAsUser"].as_i64(), isc["runAsNonRoot"].as_bool()), (Some(0), Some(false)));
+    assert_eq!(env(proxy, "OTEL_SERVICE_NAME"), Some("plain"));
+    assert_eq!(env(proxy, "TRACECAR_CONTAINER_NAME"), Some("app"));
+    assert_eq!(env(proxy, "OTEL_PROPAGATORS"), Some("tracecontext,baggage"));
+    assert_eq!(env(proxy, "OTEL_EXPORTER_OTLP_PROTOCOL"), Some("grpc"));
+    let field = |n: &str| {
+        proxy["env"].as_array().unwrap().iter().find(|e| e["name"] == n).unwrap()["valueFrom"]["fieldRef"]["fieldPath"]
+            .clone()
+    };
+    assert_eq!(field("TRACECAR_POD_NAME"), "metadata.name");
+    assert_eq!(field("TRACECAR_POD_UID"), "metadata.uid");
+    assert_eq!(field("TRACECAR_POD_NAMESPACE"), "metadata.namespace");
+    assert_eq!(field("TRACECAR_NODE_NAME"), "spec.nodeName");
+    assert_eq!(p["metadata"]["annotations"]["tracecar.dev/status"], "injected");
+    assert_eq!(p["metadata"]["annotations"]["tracecar.dev/proxy-version"], env!("CARGO_PKG_VERSION"));
+    assert!(p["spec"].get("volumes").is_none(), "no TLS secret configured: no volume");
+
+    let p = patched("init-containers");
+    assert_eq!(names(&p["spec"]["initContainers"]), ["tracecar-init", "tracecar-proxy", "migrate", "warm-cache"]);
+    assert_eq!(p["metadata"]["annotations"]["team"], "payments");
+    assert_eq!(env(named(&p["spec"]["initContainers"], "tracecar-proxy"), "OTEL_SERVICE_NAME"), Some("checkout"));
+
+    let p = patched("existing-volumes-tls");
+    assert_eq!(names(&p["spec"]["volumes"]), ["data", "tracecar-otlp-tls"]);
+    assert_eq!(named(&p["spec"]["volumes"], "tracecar-otlp-tls")["secret"]["secretName"], "otel-client-tls");
+    let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy");
+    assert_eq!(proxy["volumeMounts"][0]["mountPath"], "/var/run/secrets/tracecar/otlp");
+    assert_eq!(proxy["volumeMounts"][0]["readOnly"], true);
+    assert_eq!(env(proxy, "OTEL_EXPORTER_OTLP_CERTIFICATE"), Some("/var/run/secrets/tracecar/otlp/ca.crt"));
+    assert_eq!(env(proxy, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"), Some("/var/run/secrets/tracecar/otlp/tls.crt"));
+    assert_eq!(env(proxy, "OTEL_EXPORTER_OTLP_CLIENT_KEY"), Some("/var/run/secrets/tracecar/otlp/tls.key"));
+    assert_eq!(env(proxy, "OTEL_EXPORTER_OTLP_ENDPOINT"), Some("https://otel-collector.observability:4317"));
+
+    let p = patched("all-annotations");
+    let init = &p["spec"]["initContainers"];
+    assert_eq!(
+        named(init, "tracecar-init")["command"],
+        serde_json::json!([
+            "tracecar-proxy", "init",
+            "--skip-inbound-ports", "22,9000-9100",
+            "--skip-outbound-ports", "5432,6379",
+            "--skip-outbound-cidrs", "10.0.0.0/8,fd00::/8,169.254.169.254/32"
+        ])
+    );
+    let proxy = named(init, "tracecar-proxy");
+    assert_eq!(proxy["image"], "registry.example.com/tracecar-proxy:dev");
+    assert_eq!(env(proxy, "OTEL_SERVICE_NAME"), Some("storefront"));
+    assert_eq!(env(proxy, "OTEL_TRACES_SAMPLER"), Some("parentbased_traceidratio"));
+    assert_eq!(env(proxy, "OTEL_TRACES_SAMPLER_ARG"), Some("0.25"));
+    assert_eq!(env(proxy, "OTEL_PROPAGATORS"), Some("tracecontext,b3multi,jaeger"));
+    assert_eq!(env(proxy, "TRACECAR_CORRELATION"), Some("off"));
+    assert_eq!(env(proxy, "TRACECAR_LOG"), Some("debug"));
+    assert_eq!(env(proxy, "OTEL_EXPORTER_OTLP_ENDPOINT"), Some("http://jaeger-collector.tracing:4318"));
+    assert_eq!(proxy["resources"], serde_json::json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"cpu": "1", "memory": "128Mi"}}));
+    assert!(o["all-annotations"].warnings.is_empty(), "{:?}", o["all-annotations"].warnings);
+
+    let inv = &o["invalid-annotations"];
+    let p = patched("invalid-annotations");
+    for key in [
+        "inject", "sampling-ratio", "propagators", "skip-inbound-ports", "skip-outbound-ports",
+        "skip-outbound-cidrs", "capture", "correlation", "collector-endpoint", "proxy-cpu-request",
+        "proxy-memory-limit", "log-level", "proxy-image", "sampling-rate",
+    ] {
+        let full = format!("tracecar.dev/{key}:");
+        assert!(inv.warnings.iter().any(|w| w.starts_with(&full)), "no warning for {key}: {:?}", inv.warnings);
+    }
+    assert!(inv.warnings.contains(&"tracecar.dev/sampling-ratio: invalid value \"1.5\": expected a number from 0 to 1; using 1".to_owned()));
+    let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy");
+    assert_eq!(env(proxy, "OTEL_TRACES_SAMPLER_ARG"), Some("1"));
+    assert_eq!(proxy["image"], format!("ghcr.io/tracecar-dev/tracecar-proxy:{}", env!("CARGO_PKG_VERSION")));
+    // memory request 256Mi is valid but above the (default) limit: the limit is raised.
+    assert_eq!(proxy["resources"]["limits"]["memory"], "256Mi");
+    assert_eq!(names(&p["spec"]["initContainers"])[0], "tracecar-init", "invalid capture falls back to iptables");
+
+    let p = patched("escaping");
+    let a = &p["metadata"]["annotations"];
+    assert_eq!(a["example.com/owner~team"], "a/b~c");
+    assert_eq!(a["kubectl.kubernetes.io/default-container"], "app");
+    assert_eq!(a["tracecar.dev/status"], "injected");
+
+    let p = patched("collisions");
+    assert_eq!(names(&p["spec"]["initContainers"]), ["tracecar-init-1", "tracecar-proxy-2", "tracecar-init"]);
+    assert_eq!(names(&p["spec"]["containers"]), ["tracecar-proxy", "tracecar-proxy-1"]);
+    assert_eq!(names(&p["spec"]["volumes"]), ["tracecar-otlp-tls", "tracecar-otlp-tls-1"]);
+    let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy-2");
+    assert_eq!(proxy["volumeMounts"][0]["name"], "tracecar-otlp-tls-1");
+    assert_eq!(proxy["image"], format!("ghcr.io/tracecar-dev/tracecar-proxy:{}", env!("CARGO_PKG_VERSION")));
+
+    let p = patched("http-proxy");
+    assert_eq!(names(&p["spec"]["initContainers"]), ["tracecar-proxy"], "http-proxy capture has no init container");
+    let app = named(&p["spec"]["containers"], "app");
+    let worker = named(&p["spec"]["containers"], "worker");
+    assert_eq!(env(app, "HTTP_PROXY"), Some("http://127.0.0.1:15140"));
+    assert_eq!(env(app, "http_proxy"), Some("http://127.0.0.1:15140"));
+    assert_eq!(env(app, "NO_PROXY"), Some("localhost,127.0.0.1,::1,.svc,.cluster.local"));
+    assert_eq!(env(app, "no_proxy"), Some("localhost,127.0.0.1,::1,.svc,.cluster.local"));
+    assert_eq!(env(worker, "HTTP_PROXY"), Some("http://corporate-proxy:3128"), "existing value kept");
+    assert_eq!(worker["env"].as_array().unwrap().iter().filter(|e| e["name"] == "HTTP_PROXY").count(), 1);
+    assert_eq!(env(worker, "LOG_FORMAT"), Some("json"));
+    assert_eq!(env(worker, "NO_PROXY"), Some("localhost,127.0.0.1,::1,.svc,.cluster.local"));
+
+    let p = patched("container-mode");
+    assert!(p["spec"].get("initContainers").is_none());
+    assert_eq!(names(&p["spec"]["containers"]), ["tracecar-proxy", "app"]);
+    let proxy = named(&p["spec"]["containers"], "tracecar-proxy");
+    assert!(proxy.get("restartPolicy").is_none());
+    assert_eq!(
+        proxy["lifecycle"]["postStart"]["exec"]["command"],
+        serde_json::json!(["tracecar-proxy", "wait-ready", "--timeout", "60s"])
+    );
+    assert_eq!(env(proxy, "TRACECAR_CONTAINER_NAME"), Some("app"));
+    assert_eq!(env(named(&p["spec"]["containers"], "app"), "NO_PROXY"), Some("localhost,127.0.0.1,::1,.svc,.corp.internal"));
+
+    let p = patched("replicaset-owned");
+    let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy");
+    assert_eq!(env(proxy, "OTEL_SERVICE_NAME"), Some("web"));
+    assert_eq!(env(proxy, "OTEL_RESOURCE_ATTRIBUTES"), Some("k8s.deployment.name=web"));
+
+    let p = patched("cronjob-owned");
+    let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy");
+    assert_eq!(env(proxy, "OTEL_SERVICE_NAME"), Some("report"));
+    assert_eq!(env(proxy, "OTEL_RESOURCE_ATTRIBUTES"), Some("k8s.cronjob.name=report"));
+
+    let p = patched("opt-in-enabled");
+    assert_eq!(env(named(&p["spec"]["initContainers"], "tracecar-proxy"), "OTEL_SERVICE_NAME"), Some("lonely"));
+}
