@@ -864,6 +864,25 @@ else
   skip "tracecar-injector binary not built: the chart's flags were not run against it"
 fi
 
+# --- documentation ----------------------------------------------------------------------------
+if python3 - "$chart/values.yaml" "$chart/README.md" <<'PY'
+import re, sys, yaml
+values, readme = yaml.safe_load(open(sys.argv[1])), open(sys.argv[2]).read()
+documented = set(re.findall(r"^\| `([A-Za-z0-9_.]+)` \|", readme, re.M))
+missing = []
+def walk(d, prefix=""):
+    for k, v in d.items():
+        key = prefix + k
+        if isinstance(v, dict) and v:
+            walk(v, key + ".")
+        elif not any(key == p or key.startswith(p + ".") for p in documented):
+            missing.append(key)
+walk(values)
+print(f"    {len(documented)} keys in the README table" + (f"; undocumented: {missing}" if missing else ""))
+sys.exit(1 if missing else 0)
+PY
+then pass "chart README documents every value"; else fail "chart README misses values"; fi
+
 # --- examples ---------------------------------------------------------------------------------
 mapfile -t example_files < <(find "$examples" -name '*.yaml' | sort)
 if [ "${#example_files[@]}" -eq 0 ]; then
