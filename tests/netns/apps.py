@@ -89,7 +89,11 @@ def serve_echo(port, wrap=None):
                     break
                 sock.sendall(data)
 
-    Threaded(("0.0.0.0", port), Handler).serve_forever()
+    # Dual-stack: IPv4 and IPv6 clients.
+    class Threaded6(Threaded):
+        address_family = socket.AF_INET6
+
+    Threaded6(("::", port), Handler).serve_forever()
 
 
 def serve_banner(port):
@@ -186,4 +190,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    try:
+        sys.exit(main(sys.argv))
+    except (OSError, ssl.SSLError) as e:
+        print(f"{' '.join(sys.argv[1:3])}: {type(e).__name__}: {e}")
+        sys.exit(1)

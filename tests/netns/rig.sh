@@ -167,10 +167,12 @@ dry_section() { awk -v want="$1" '/^# .*\(IPv4\)$/ {s = 4} /^# .*\(IPv6\)$/ {s =
 # The nat table without comments and the built-in chains' policy counters.
 nat_table() { in_ns "$1" "$2" -t nat 2>/dev/null | grep -v '^#' | sed -E 's/^(:[A-Z]+ [A-Z]+) \[[0-9]+:[0-9]+\]$/\1/'; }
 
-# Packet count of the first rule of CHAIN (nft back-end, IPv4): the number of connections the
-# REDIRECT in that chain caught.
+# Packet count of the first rule of CHAIN (nft back-end; IPv4, or IPv6 with FAMILY=6): the
+# number of connections the REDIRECT in that chain caught.
 redirects() {
-  in_ns "$1" iptables-nft-save -c -t nat | grep -F -- "-A $2 " | head -n 1 | sed -E 's/^\[([0-9]+):.*/\1/'
+  local save=iptables-nft-save
+  [ "${FAMILY:-4}" = 6 ] && save=ip6tables-nft-save
+  in_ns "$1" "$save" -c -t nat | grep -F -- "-A $2 " | head -n 1 | sed -E 's/^\[([0-9]+):.*/\1/'
 }
 
 # rules_match NS BACKEND DRYRUN_FILE FAMILIES: installed TRACECAR rules equal the dry-run's.
@@ -316,6 +318,13 @@ check_tcp_echo() { through_a_and_c echo-client 10.233.0.4 7000 200000; }
 check_tls() { through_a_and_c tls 10.233.0.4 8443 c.test "$WORK/cert.pem"; }
 check_server_first() { through_a_and_c banner-client 10.233.0.4 2525; }
 
+check_ipv6_echo() {
+  # The pods have IPv6 addresses, so `init --ipv6 auto` installed ip6tables rules too.
+  FAMILY=6 through_a_and_c echo-client fd00:233::4 7000 50000 && return 0
+  echo "(ip6tables REDIRECTs to [::1]:15140 and [pod address]:15143: the proxy must listen on IPv6 too)"
+  return 1
+}
+
 check_self_call() {
   # The app calling its own pod IP: captured as outbound, reaches the app, no loop.
   timeout 20 ip netns exec "$A" python3 "$HERE/apps.py" get http://10.233.0.2:8081/self
@@ -375,6 +384,7 @@ check "bypass: skipped inbound port" check_skip_inbound_port
 check "opaque: raw TCP echo is byte-for-byte" check_tcp_echo
 check "opaque: TLS passes through" check_tls
 check "opaque: server-speaks-first does not hang" check_server_first
+check "opaque: raw TCP echo over IPv6 through both proxies" check_ipv6_echo
 check "loop: app calls its own pod IP" check_self_call
 
 if [ "$FAILED" -gt 0 ]; then
