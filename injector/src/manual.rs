@@ -138,9 +138,22 @@ fn process(
         return Ok(());
     };
     if uninject {
-        return patch::uninject(target)
-            .map(|_| ())
-            .map_err(|source| ManualError::Uninject { object, source });
+        patch::uninject(target).map_err(|source| ManualError::Uninject { object, source })?;
+        // Templates often have no metadata; injection created it (see below).
+        if let Some(t) = target.as_object_mut() {
+            if t.get("metadata")
+                .and_then(Value::as_object)
+                .is_some_and(|m| m.is_empty())
+            {
+                t.remove("metadata");
+            }
+        }
+        return Ok(());
+    }
+    // A pod always has metadata at admission; a template may not.
+    if let Some(t) = target.as_object_mut() {
+        t.entry("metadata")
+            .or_insert_with(|| Value::Object(Default::default()));
     }
     let pod: Pod =
         serde_json::from_value(target.clone()).map_err(|source| ManualError::Template {
@@ -163,6 +176,14 @@ fn process(
             json_patch::patch(target, &p.0).map_err(|source| ManualError::Patch { object, source })
         }
         None => {
+            if let Some(t) = target.as_object_mut() {
+                if t.get("metadata")
+                    .and_then(Value::as_object)
+                    .is_some_and(|m| m.is_empty())
+                {
+                    t.remove("metadata");
+                }
+            }
             if decision.reason != Reason::AlreadyInjected {
                 warnings.push(format!(
                     "{object}: not injected ({})",

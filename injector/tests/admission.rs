@@ -57,7 +57,12 @@ fn cases() -> Vec<Case> {
             }
         }
         let name = p.file_stem().unwrap().to_string_lossy().into_owned();
-        out.push(Case { name, flags, path, pod: common::load_yaml(&p) });
+        out.push(Case {
+            name,
+            flags,
+            path,
+            pod: common::load_yaml(&p),
+        });
     }
     assert!(out.len() >= 15, "fixture corpus is missing");
     out
@@ -68,10 +73,21 @@ struct Outcome {
     patched: Option<Value>,
 }
 
-async fn admit(client: &Client, addr: std::net::SocketAddr, path: &str, pod: &Value, uid: &str) -> Outcome {
+async fn admit(
+    client: &Client,
+    addr: std::net::SocketAddr,
+    path: &str,
+    pod: &Value,
+    uid: &str,
+) -> Outcome {
     let body = serde_json::to_vec(&common::review(pod, uid)).unwrap();
     let reply = client.post(addr, path, body).await.expect("request");
-    assert_eq!(reply.status, 200, "{}", String::from_utf8_lossy(&reply.body));
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
     let review: AdmissionReview<DynamicObject> = serde_json::from_slice(&reply.body).unwrap();
     assert_eq!(review.types.api_version, "admission.k8s.io/v1");
     assert_eq!(review.types.kind, "AdmissionReview");
@@ -80,13 +96,19 @@ async fn admit(client: &Client, addr: std::net::SocketAddr, path: &str, pod: &Va
     assert_eq!(resp.uid, uid);
     assert!(resp.allowed, "tracecar never denies a pod");
     let patched = resp.patch.map(|bytes| {
-        assert_eq!(raw.pointer("/response/patchType").and_then(Value::as_str), Some("JSONPatch"));
+        assert_eq!(
+            raw.pointer("/response/patchType").and_then(Value::as_str),
+            Some("JSONPatch")
+        );
         let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
         let mut doc = pod.clone();
         json_patch::patch(&mut doc, &patch).unwrap_or_else(|e| panic!("patch does not apply: {e}"));
         doc
     });
-    Outcome { warnings: resp.warnings.unwrap_or_default(), patched }
+    Outcome {
+        warnings: resp.warnings.unwrap_or_default(),
+        patched,
+    }
 }
 
 fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
@@ -96,11 +118,17 @@ fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
 }
 
 fn names(list: &Value) -> Vec<&str> {
-    list.as_array().map(|l| l.iter().filter_map(|c| c["name"].as_str()).collect()).unwrap_or_default()
+    list.as_array()
+        .map(|l| l.iter().filter_map(|c| c["name"].as_str()).collect())
+        .unwrap_or_default()
 }
 
 fn env<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
-    container["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"].as_str()
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)?["value"]
+        .as_str()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +146,13 @@ async fn fixture_corpus_over_https() {
         let key = case.flags.join(" ");
         if !servers.contains_key(&key) {
             let dir = tempfile::tempdir().unwrap();
-            let running = common::start(dir.path(), &leaf, defaults_from(&case.flags), Duration::from_secs(2)).await;
+            let running = common::start(
+                dir.path(),
+                &leaf,
+                defaults_from(&case.flags),
+                Duration::from_secs(2),
+            )
+            .await;
             servers.insert(key.clone(), running);
             dirs.push(dir);
         }
@@ -132,11 +166,18 @@ async fn fixture_corpus_over_https() {
         if let Some(patched) = &out.patched {
             // Idempotent: the injected pod is left alone.
             let again = admit(&client, addr, &case.path, patched, &format!("{uid}-again")).await;
-            assert!(again.patched.is_none(), "{}: re-admission patched again", case.name);
+            assert!(
+                again.patched.is_none(),
+                "{}: re-admission patched again",
+                case.name
+            );
             // The API server names generateName pods after admission; the validator needs a name.
             let mut named_pod = patched.clone();
             if named_pod.pointer("/metadata/name").is_none() {
-                let base = named_pod["metadata"]["generateName"].as_str().unwrap_or("pod-").to_owned();
+                let base = named_pod["metadata"]["generateName"]
+                    .as_str()
+                    .unwrap_or("pod-")
+                    .to_owned();
                 named_pod["metadata"]["name"] = Value::String(format!("{base}x7k2q"));
             }
             let file = out_dir.path().join(format!("{}.json", case.name));
@@ -175,8 +216,18 @@ async fn fixture_corpus_over_https() {
 
 /// What a user sees, fixture by fixture (independent of the golden files).
 fn check_behaviour(o: &BTreeMap<String, Outcome>) {
-    let patched = |n: &str| o[n].patched.as_ref().unwrap_or_else(|| panic!("{n} was not injected"));
-    for n in ["host-network", "already-injected", "opted-out", "injector-self", "opt-in-absent"] {
+    let patched = |n: &str| {
+        o[n].patched
+            .as_ref()
+            .unwrap_or_else(|| panic!("{n} was not injected"))
+    };
+    for n in [
+        "host-network",
+        "already-injected",
+        "opted-out",
+        "injector-self",
+        "opt-in-absent",
+    ] {
         assert!(o[n].patched.is_none(), "{n} must not be injected");
     }
 
@@ -189,89 +240,187 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
     assert_eq!(proxy["startupProbe"]["httpGet"]["port"], 15190);
     assert_eq!(proxy["livenessProbe"]["httpGet"]["path"], "/live");
     let sc = &proxy["securityContext"];
-    assert_eq!((sc["runAsUser"].as_i64(), sc["runAsGroup"].as_i64()), (Some(2140), Some(2140)));
+    assert_eq!(
+        (sc["runAsUser"].as_i64(), sc["runAsGroup"].as_i64()),
+        (Some(2140), Some(2140))
+    );
     assert_eq!(sc["runAsNonRoot"], true);
     assert_eq!(sc["readOnlyRootFilesystem"], true);
     assert_eq!(sc["allowPrivilegeEscalation"], false);
     assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
     assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
-    assert_eq!(proxy["resources"], serde_json::json!({"requests": {"cpu": "10m", "memory": "20Mi"}, "limits": {"memory": "64Mi"}}));
+    assert_eq!(
+        proxy["resources"],
+        serde_json::json!({"requests": {"cpu": "10m", "memory": "20Mi"}, "limits": {"memory": "64Mi"}})
+    );
     let isc = &named(init, "tracecar-init")["securityContext"];
-    assert_eq!(isc["capabilities"]["add"], serde_json::json!(["NET_ADMIN", "NET_RAW"]));
+    assert_eq!(
+        isc["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN", "NET_RAW"])
+    );
     assert_eq!(isc["capabilities"]["drop"], serde_json::json!(["ALL"]));
-    assert_eq!((isc["runAsUser"].as_i64(), isc["runAsNonRoot"].as_bool()), (Some(0), Some(false)));
+    assert_eq!(
+        (isc["runAsUser"].as_i64(), isc["runAsNonRoot"].as_bool()),
+        (Some(0), Some(false))
+    );
     assert_eq!(env(proxy, "OTEL_SERVICE_NAME"), Some("plain"));
     assert_eq!(env(proxy, "TRACECAR_CONTAINER_NAME"), Some("app"));
     assert_eq!(env(proxy, "OTEL_PROPAGATORS"), Some("tracecontext,baggage"));
     assert_eq!(env(proxy, "OTEL_EXPORTER_OTLP_PROTOCOL"), Some("grpc"));
     let field = |n: &str| {
-        proxy["env"].as_array().unwrap().iter().find(|e| e["name"] == n).unwrap()["valueFrom"]["fieldRef"]["fieldPath"]
+        proxy["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == n)
+            .unwrap()["valueFrom"]["fieldRef"]["fieldPath"]
             .clone()
     };
     assert_eq!(field("TRACECAR_POD_NAME"), "metadata.name");
     assert_eq!(field("TRACECAR_POD_UID"), "metadata.uid");
     assert_eq!(field("TRACECAR_POD_NAMESPACE"), "metadata.namespace");
     assert_eq!(field("TRACECAR_NODE_NAME"), "spec.nodeName");
-    assert_eq!(p["metadata"]["annotations"]["tracecar.dev/status"], "injected");
-    assert_eq!(p["metadata"]["annotations"]["tracecar.dev/proxy-version"], env!("CARGO_PKG_VERSION"));
-    assert!(p["spec"].get("volumes").is_none(), "no TLS secret configured: no volume");
+    assert_eq!(
+        p["metadata"]["annotations"]["tracecar.dev/status"],
+        "injected"
+    );
+    assert_eq!(
+        p["metadata"]["annotations"]["tracecar.dev/proxy-version"],
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(
+        p["spec"].get("volumes").is_none(),
+        "no TLS secret configured: no volume"
+    );
 
     let p = patched("init-containers");
-    assert_eq!(names(&p["spec"]["initContainers"]), ["tracecar-init", "tracecar-proxy", "migrate", "warm-cache"]);
+    assert_eq!(
+        names(&p["spec"]["initContainers"]),
+        ["tracecar-init", "tracecar-proxy", "migrate", "warm-cache"]
+    );
     assert_eq!(p["metadata"]["annotations"]["team"], "payments");
-    assert_eq!(env(named(&p["spec"]["initContainers"], "tracecar-proxy"), "OTEL_SERVICE_NAME"), Some("checkout"));
+    assert_eq!(
+        env(
+            named(&p["spec"]["initContainers"], "tracecar-proxy"),
+            "OTEL_SERVICE_NAME"
+        ),
+        Some("checkout")
+    );
 
     let p = patched("existing-volumes-tls");
     assert_eq!(names(&p["spec"]["volumes"]), ["data", "tracecar-otlp-tls"]);
-    assert_eq!(named(&p["spec"]["volumes"], "tracecar-otlp-tls")["secret"]["secretName"], "otel-client-tls");
+    assert_eq!(
+        named(&p["spec"]["volumes"], "tracecar-otlp-tls")["secret"]["secretName"],
+        "otel-client-tls"
+    );
     let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy");
-    assert_eq!(proxy["volumeMounts"][0]["mountPath"], "/var/run/secrets/tracecar/otlp");
+    assert_eq!(
+        proxy["volumeMounts"][0]["mountPath"],
+        "/var/run/secrets/tracecar/otlp"
+    );
     assert_eq!(proxy["volumeMounts"][0]["readOnly"], true);
-    assert_eq!(env(proxy, "OTEL_EXPORTER_OTLP_CERTIFICATE"), Some("/var/run/secrets/tracecar/otlp/ca.crt"));
-    assert_eq!(env(proxy, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"), Some("/var/run/secrets/tracecar/otlp/tls.crt"));
-    assert_eq!(env(proxy, "OTEL_EXPORTER_OTLP_CLIENT_KEY"), Some("/var/run/secrets/tracecar/otlp/tls.key"));
-    assert_eq!(env(proxy, "OTEL_EXPORTER_OTLP_ENDPOINT"), Some("https://otel-collector.observability:4317"));
+    assert_eq!(
+        env(proxy, "OTEL_EXPORTER_OTLP_CERTIFICATE"),
+        Some("/var/run/secrets/tracecar/otlp/ca.crt")
+    );
+    assert_eq!(
+        env(proxy, "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
+        Some("/var/run/secrets/tracecar/otlp/tls.crt")
+    );
+    assert_eq!(
+        env(proxy, "OTEL_EXPORTER_OTLP_CLIENT_KEY"),
+        Some("/var/run/secrets/tracecar/otlp/tls.key")
+    );
+    assert_eq!(
+        env(proxy, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        Some("https://otel-collector.observability:4317")
+    );
 
     let p = patched("all-annotations");
     let init = &p["spec"]["initContainers"];
     assert_eq!(
         named(init, "tracecar-init")["command"],
         serde_json::json!([
-            "tracecar-proxy", "init",
-            "--skip-inbound-ports", "22,9000-9100",
-            "--skip-outbound-ports", "5432,6379",
-            "--skip-outbound-cidrs", "10.0.0.0/8,fd00::/8,169.254.169.254/32"
+            "tracecar-proxy",
+            "init",
+            "--skip-inbound-ports",
+            "22,9000-9100",
+            "--skip-outbound-ports",
+            "5432,6379",
+            "--skip-outbound-cidrs",
+            "10.0.0.0/8,fd00::/8,169.254.169.254/32"
         ])
     );
     let proxy = named(init, "tracecar-proxy");
     assert_eq!(proxy["image"], "registry.example.com/tracecar-proxy:dev");
     assert_eq!(env(proxy, "OTEL_SERVICE_NAME"), Some("storefront"));
-    assert_eq!(env(proxy, "OTEL_TRACES_SAMPLER"), Some("parentbased_traceidratio"));
+    assert_eq!(
+        env(proxy, "OTEL_TRACES_SAMPLER"),
+        Some("parentbased_traceidratio")
+    );
     assert_eq!(env(proxy, "OTEL_TRACES_SAMPLER_ARG"), Some("0.25"));
-    assert_eq!(env(proxy, "OTEL_PROPAGATORS"), Some("tracecontext,b3multi,jaeger"));
+    assert_eq!(
+        env(proxy, "OTEL_PROPAGATORS"),
+        Some("tracecontext,b3multi,jaeger")
+    );
     assert_eq!(env(proxy, "TRACECAR_CORRELATION"), Some("off"));
     assert_eq!(env(proxy, "TRACECAR_LOG"), Some("debug"));
-    assert_eq!(env(proxy, "OTEL_EXPORTER_OTLP_ENDPOINT"), Some("http://jaeger-collector.tracing:4318"));
-    assert_eq!(proxy["resources"], serde_json::json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"cpu": "1", "memory": "128Mi"}}));
-    assert!(o["all-annotations"].warnings.is_empty(), "{:?}", o["all-annotations"].warnings);
+    assert_eq!(
+        env(proxy, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        Some("http://jaeger-collector.tracing:4318")
+    );
+    assert_eq!(
+        proxy["resources"],
+        serde_json::json!({"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"cpu": "1", "memory": "128Mi"}})
+    );
+    assert!(
+        o["all-annotations"].warnings.is_empty(),
+        "{:?}",
+        o["all-annotations"].warnings
+    );
 
     let inv = &o["invalid-annotations"];
     let p = patched("invalid-annotations");
     for key in [
-        "inject", "sampling-ratio", "propagators", "skip-inbound-ports", "skip-outbound-ports",
-        "skip-outbound-cidrs", "capture", "correlation", "collector-endpoint", "proxy-cpu-request",
-        "proxy-memory-limit", "log-level", "proxy-image", "sampling-rate",
+        "inject",
+        "sampling-ratio",
+        "propagators",
+        "skip-inbound-ports",
+        "skip-outbound-ports",
+        "skip-outbound-cidrs",
+        "capture",
+        "correlation",
+        "collector-endpoint",
+        "proxy-cpu-request",
+        "proxy-memory-limit",
+        "log-level",
+        "proxy-image",
+        "sampling-rate",
     ] {
         let full = format!("tracecar.dev/{key}:");
-        assert!(inv.warnings.iter().any(|w| w.starts_with(&full)), "no warning for {key}: {:?}", inv.warnings);
+        assert!(
+            inv.warnings.iter().any(|w| w.starts_with(&full)),
+            "no warning for {key}: {:?}",
+            inv.warnings
+        );
     }
     assert!(inv.warnings.contains(&"tracecar.dev/sampling-ratio: invalid value \"1.5\": expected a number from 0 to 1; using 1".to_owned()));
     let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy");
     assert_eq!(env(proxy, "OTEL_TRACES_SAMPLER_ARG"), Some("1"));
-    assert_eq!(proxy["image"], format!("ghcr.io/tracecar-dev/tracecar-proxy:{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        proxy["image"],
+        format!(
+            "ghcr.io/tracecar-dev/tracecar-proxy:{}",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
     // memory request 256Mi is valid but above the (default) limit: the limit is raised.
     assert_eq!(proxy["resources"]["limits"]["memory"], "256Mi");
-    assert_eq!(names(&p["spec"]["initContainers"])[0], "tracecar-init", "invalid capture falls back to iptables");
+    assert_eq!(
+        names(&p["spec"]["initContainers"])[0],
+        "tracecar-init",
+        "invalid capture falls back to iptables"
+    );
 
     let p = patched("escaping");
     let a = &p["metadata"]["annotations"];
@@ -280,25 +429,65 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
     assert_eq!(a["tracecar.dev/status"], "injected");
 
     let p = patched("collisions");
-    assert_eq!(names(&p["spec"]["initContainers"]), ["tracecar-init-1", "tracecar-proxy-2", "tracecar-init"]);
-    assert_eq!(names(&p["spec"]["containers"]), ["tracecar-proxy", "tracecar-proxy-1"]);
-    assert_eq!(names(&p["spec"]["volumes"]), ["tracecar-otlp-tls", "tracecar-otlp-tls-1"]);
+    assert_eq!(
+        names(&p["spec"]["initContainers"]),
+        ["tracecar-init-1", "tracecar-proxy-2", "tracecar-init"]
+    );
+    assert_eq!(
+        names(&p["spec"]["containers"]),
+        ["tracecar-proxy", "tracecar-proxy-1"]
+    );
+    assert_eq!(
+        names(&p["spec"]["volumes"]),
+        ["tracecar-otlp-tls", "tracecar-otlp-tls-1"]
+    );
     let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy-2");
     assert_eq!(proxy["volumeMounts"][0]["name"], "tracecar-otlp-tls-1");
-    assert_eq!(proxy["image"], format!("ghcr.io/tracecar-dev/tracecar-proxy:{}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        proxy["image"],
+        format!(
+            "ghcr.io/tracecar-dev/tracecar-proxy:{}",
+            env!("CARGO_PKG_VERSION")
+        )
+    );
 
     let p = patched("http-proxy");
-    assert_eq!(names(&p["spec"]["initContainers"]), ["tracecar-proxy"], "http-proxy capture has no init container");
+    assert_eq!(
+        names(&p["spec"]["initContainers"]),
+        ["tracecar-proxy"],
+        "http-proxy capture has no init container"
+    );
     let app = named(&p["spec"]["containers"], "app");
     let worker = named(&p["spec"]["containers"], "worker");
     assert_eq!(env(app, "HTTP_PROXY"), Some("http://127.0.0.1:15140"));
     assert_eq!(env(app, "http_proxy"), Some("http://127.0.0.1:15140"));
-    assert_eq!(env(app, "NO_PROXY"), Some("localhost,127.0.0.1,::1,.svc,.cluster.local"));
-    assert_eq!(env(app, "no_proxy"), Some("localhost,127.0.0.1,::1,.svc,.cluster.local"));
-    assert_eq!(env(worker, "HTTP_PROXY"), Some("http://corporate-proxy:3128"), "existing value kept");
-    assert_eq!(worker["env"].as_array().unwrap().iter().filter(|e| e["name"] == "HTTP_PROXY").count(), 1);
+    assert_eq!(
+        env(app, "NO_PROXY"),
+        Some("localhost,127.0.0.1,::1,.svc,.cluster.local")
+    );
+    assert_eq!(
+        env(app, "no_proxy"),
+        Some("localhost,127.0.0.1,::1,.svc,.cluster.local")
+    );
+    assert_eq!(
+        env(worker, "HTTP_PROXY"),
+        Some("http://corporate-proxy:3128"),
+        "existing value kept"
+    );
+    assert_eq!(
+        worker["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["name"] == "HTTP_PROXY")
+            .count(),
+        1
+    );
     assert_eq!(env(worker, "LOG_FORMAT"), Some("json"));
-    assert_eq!(env(worker, "NO_PROXY"), Some("localhost,127.0.0.1,::1,.svc,.cluster.local"));
+    assert_eq!(
+        env(worker, "NO_PROXY"),
+        Some("localhost,127.0.0.1,::1,.svc,.cluster.local")
+    );
 
     let p = patched("container-mode");
     assert!(p["spec"].get("initContainers").is_none());
@@ -310,18 +499,33 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
         serde_json::json!(["tracecar-proxy", "wait-ready", "--timeout", "60s"])
     );
     assert_eq!(env(proxy, "TRACECAR_CONTAINER_NAME"), Some("app"));
-    assert_eq!(env(named(&p["spec"]["containers"], "app"), "NO_PROXY"), Some("localhost,127.0.0.1,::1,.svc,.corp.internal"));
+    assert_eq!(
+        env(named(&p["spec"]["containers"], "app"), "NO_PROXY"),
+        Some("localhost,127.0.0.1,::1,.svc,.corp.internal")
+    );
 
     let p = patched("replicaset-owned");
     let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy");
     assert_eq!(env(proxy, "OTEL_SERVICE_NAME"), Some("web"));
-    assert_eq!(env(proxy, "OTEL_RESOURCE_ATTRIBUTES"), Some("k8s.deployment.name=web"));
+    assert_eq!(
+        env(proxy, "OTEL_RESOURCE_ATTRIBUTES"),
+        Some("k8s.deployment.name=web")
+    );
 
     let p = patched("cronjob-owned");
     let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy");
     assert_eq!(env(proxy, "OTEL_SERVICE_NAME"), Some("report"));
-    assert_eq!(env(proxy, "OTEL_RESOURCE_ATTRIBUTES"), Some("k8s.cronjob.name=report"));
+    assert_eq!(
+        env(proxy, "OTEL_RESOURCE_ATTRIBUTES"),
+        Some("k8s.cronjob.name=report")
+    );
 
     let p = patched("opt-in-enabled");
-    assert_eq!(env(named(&p["spec"]["initContainers"], "tracecar-proxy"), "OTEL_SERVICE_NAME"), Some("lonely"));
+    assert_eq!(
+        env(
+            named(&p["spec"]["initContainers"], "tracecar-proxy"),
+            "OTEL_SERVICE_NAME"
+        ),
+        Some("lonely")
+    );
 }

@@ -38,17 +38,28 @@ impl Pki {
             .push(rcgen::DnType::CommonName, "tracecar test CA");
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let ca = ca_params.self_signed(&ca_key).unwrap();
-        Pki { ca_der: ca.der().clone(), ca_params, ca_key }
+        Pki {
+            ca_der: ca.der().clone(),
+            ca_params,
+            ca_key,
+        }
     }
 
     pub fn leaf(&self, cn: &str) -> Leaf {
         let issuer = rcgen::Issuer::from_params(&self.ca_params, &self.ca_key);
         let mut params =
-            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+            rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &issuer).unwrap();
-        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+        }
     }
 }
 
@@ -97,22 +108,41 @@ impl Client {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(pki.ca_der.clone()).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
-        Client { connector: TlsConnector::from(Arc::new(cfg)) }
+        // Full handshakes only: a resumed session does not present a certificate.
+        cfg.resumption = rustls::client::Resumption::disabled();
+        Client {
+            connector: TlsConnector::from(Arc::new(cfg)),
+        }
     }
 
-    pub async fn post(&self, addr: std::net::SocketAddr, path: &str, body: impl Into<Bytes>) -> Result<Reply, String> {
+    pub async fn post(
+        &self,
+        addr: std::net::SocketAddr,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> Result<Reply, String> {
         let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
         let name = ServerName::try_from("localhost").unwrap();
-        let tls = self.connector.connect(name, tcp).await.map_err(|e| format!("handshake: {e}"))?;
-        let peer_cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
-        let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        let tls = self
+            .connector
+            .connect(name, tcp)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| format!("handshake: {e}"))?;
+        let peer_cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.clone().into_owned());
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| e.to_string())?;
         tokio::spawn(conn);
         let req = http::Request::post(path)
             .header("host", "localhost")
@@ -121,17 +151,31 @@ impl Client {
             .unwrap();
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-        Ok(Reply { status, body, peer_cert })
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            body,
+            peer_cert,
+        })
     }
 }
 
 /// Plain-HTTP GET (admin port).
 pub async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let req = http::Request::get(path).header("host", "localhost").body(Full::new(Bytes::new())).unwrap();
+    let req = http::Request::get(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
     let resp = send.send_request(req).await.unwrap();
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
@@ -140,8 +184,14 @@ pub async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
 
 /// Wraps a pod in an `admission.k8s.io/v1` AdmissionReview for a CREATE.
 pub fn review(pod: &serde_json::Value, uid: &str) -> serde_json::Value {
-    let ns = pod.pointer("/metadata/namespace").and_then(|v| v.as_str()).unwrap_or("default");
-    let name = pod.pointer("/metadata/name").and_then(|v| v.as_str()).unwrap_or("");
+    let ns = pod
+        .pointer("/metadata/namespace")
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
+    let name = pod
+        .pointer("/metadata/name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
     serde_json::json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -199,10 +249,21 @@ pub fn validate_strict(files: &[PathBuf], versions: &[String]) {
             .args(files)
             .output()
             .expect("run kubernetes-validate");
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        assert!(out.status.success(), "kubernetes-validate --strict -k {v} failed:\n{text}");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "kubernetes-validate --strict -k {v} failed:\n{text}"
+        );
         let passed = text.matches("passed").count();
-        assert_eq!(passed, files.len(), "expected every file to pass against {v}:\n{text}");
+        assert_eq!(
+            passed,
+            files.len(),
+            "expected every file to pass against {v}:\n{text}"
+        );
     }
 }
 
@@ -228,8 +289,17 @@ pub fn golden(name: &str, actual: &serde_json::Value) {
         std::fs::write(&path, &text).unwrap();
         return;
     }
-    let want = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create)", path.display()));
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create)",
+            path.display()
+        )
+    });
     let want: serde_json::Value = serde_json::from_str(&want).unwrap();
-    assert_eq!(&want, actual, "golden {} differs (UPDATE_GOLDEN=1 regenerates):\n{text}", path.display());
+    assert_eq!(
+        &want,
+        actual,
+        "golden {} differs (UPDATE_GOLDEN=1 regenerates):\n{text}",
+        path.display()
+    );
 }
