@@ -96,6 +96,9 @@ pub struct RunArgs {
     /// Overrides the name checked in the collector's certificate.
     #[arg(long, env = "TRACECAR_EXPORT_TLS_SERVER_NAME")]
     pub export_tls_server_name: Option<String>,
+    /// Whether unusable export TLS material stops start-up (true) or only disables export.
+    #[arg(long, env = "TRACECAR_EXPORT_REQUIRED", default_value = "true")]
+    pub export_required: String,
     #[arg(
         long = "sampler",
         env = "OTEL_TRACES_SAMPLER",
@@ -198,6 +201,9 @@ pub struct OtlpConfig {
     pub headers: Vec<(String, String)>,
     pub timeout: Duration,
     pub tls: ExportTls,
+    /// `TRACECAR_EXPORT_REQUIRED`: unusable TLS material stops start-up; when false the proxy
+    /// serves traffic and reports the export as failing.
+    pub required: bool,
 }
 
 /// TLS material for the export connection (files, re-read when they change).
@@ -524,6 +530,31 @@ impl RunArgs {
             });
         }
 
+        let required = match self.export_required.trim() {
+            "true" => true,
+            "false" => false,
+            v => {
+                return Err(err(
+                    "TRACECAR_EXPORT_REQUIRED",
+                    "export-required",
+                    v,
+                    "true or false",
+                ))
+            }
+        };
+        let any_tls_file = tls.ca_file.is_some() || tls.client_cert_file.is_some();
+        if required && exporter == TracesExporter::Otlp && any_tls_file {
+            if let Err(e) = crate::trace::tls::check(&tls) {
+                let (var, flag, value, expected) = e.setting();
+                return Err(ConfigError {
+                    var,
+                    flag,
+                    value,
+                    expected,
+                });
+            }
+        }
+
         let arg = self.sampler_arg.as_deref();
         let sampler = match self.sampler.trim() {
             "always_on" => Sampler::AlwaysOn,
@@ -611,6 +642,7 @@ impl RunArgs {
                 headers,
                 timeout,
                 tls,
+                required,
             },
             sampler,
             propagators,

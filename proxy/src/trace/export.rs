@@ -7,6 +7,20 @@
 //!
 //! The app's requests only ever pay a `try_send` into the queue: a full queue drops the span
 //! (counted), it never waits.
+//!
+//! Retries: a batch whose export failed transiently (collector unreachable, TLS handshake
+//! refused, timeout, UNAVAILABLE / 429 / 502 / 503 / 504) is tried again after an exponential
+//! back-off with jitter (100 ms doubling to 5 s) or after the delay the collector asked for
+//! (gRPC `RetryInfo`, HTTP `Retry-After`, capped at 30 s), for as long as it takes. Meanwhile the
+//! worker takes nothing from the queue, so the queue fills to `OTEL_BSP_MAX_QUEUE_SIZE` and
+//! further spans are dropped as `queue_full`: memory stays bounded, every lost span is counted,
+//! and export resumes by itself when the collector is back. Each attempt is bounded by
+//! `OTEL_EXPORTER_OTLP_TIMEOUT` (and `OTEL_BSP_EXPORT_TIMEOUT`). A batch the collector refuses
+//! for good (bad data, 4xx other than 429) is dropped as `rejected`.
+//!
+//! Drop reasons in `tracecar_spans_dropped_total{reason}`: `queue_full`, `rejected`,
+//! `export_failed` (the exporter could not send at all), `tls_material` (TLS files unusable with
+//! `TRACECAR_EXPORT_REQUIRED=false`), `shutdown`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +35,13 @@ use crate::config::BatchConfig;
 use crate::metrics::Metrics;
 
 use super::console::ConsoleExporter;
+use super::otlp::{ExportFailure, OtlpExporter, Retry};
+
+/// First retry delay; doubles per failure up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// The longest collector-requested delay we honour as given.
+const MAX_HINT: Duration = Duration::from_secs(30);
 
 /// A finished span with the name of the service that produced it.
 pub type SpanRecord = (Arc<str>, SpanData);
@@ -28,7 +49,7 @@ pub type SpanRecord = (Arc<str>, SpanData);
 /// Where spans go.
 #[derive(Debug)]
 pub enum Exporter {
-    Otlp(opentelemetry_otlp::SpanExporter),
+    Otlp(Box<OtlpExporter>),
     /// JSON lines on stdout (`OTEL_TRACES_EXPORTER=console`).
     Console(ConsoleExporter),
     /// Handed to an in-process consumer (the demo, tests) with the service name.
@@ -39,16 +60,28 @@ pub enum Exporter {
 }
 
 impl Exporter {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+    async fn export(&mut self, batch: Vec<SpanData>) -> Result<(), ExportFailure> {
         match self {
             Exporter::Otlp(e) => e.export(batch).await,
-            Exporter::Console(e) => e.export(batch).await,
+            Exporter::Console(e) => e.export(batch).await.map_err(|e| ExportFailure {
+                retry: Retry::Never,
+                reason: "export_failed",
+                message: e.to_string(),
+            }),
             Exporter::Channel { tx, service } => {
                 for span in batch {
                     let _ = tx.send((service.clone(), span));
                 }
                 Ok(())
             }
+        }
+    }
+
+    /// Why export cannot work at all, known before any span.
+    fn problem(&self) -> Option<String> {
+        match self {
+            Exporter::Otlp(e) => e.problem(),
+            _ => None,
         }
     }
 
@@ -122,11 +155,16 @@ impl QueueProcessor {
         exporter.set_resource(resource);
         let (spans_tx, spans_rx) = mpsc::channel(batch.max_queue_size);
         let (control_tx, control_rx) = mpsc::channel(4);
+        let problem = exporter.problem();
+        if problem.is_some() {
+            // Already logged where it was found; the gauge says so from the start.
+            metrics.export_healthy.set(0);
+        }
         let worker = Worker {
             exporter,
             batch,
             metrics: metrics.clone(),
-            healthy: true,
+            healthy: problem.is_none(),
         };
         tokio::spawn(worker.run(spans_rx, control_rx));
         (
@@ -230,39 +268,47 @@ impl Worker {
         }
     }
 
-    /// Exports one batch, retrying with exponential back-off and jitter until it succeeds or the
-    /// batch's export timeout has passed; then the batch is dropped and counted.
+    /// Exports one batch, retrying transient failures with exponential back-off and jitter (or
+    /// the collector's hint) until it is delivered; a batch refused for good is dropped and
+    /// counted.
     async fn export(&mut self, batch: Vec<SpanData>) {
         if batch.is_empty() {
             return;
         }
         let n = batch.len() as u64;
-        let started = Instant::now();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = FIRST_BACKOFF;
         loop {
             let attempt = tokio::time::timeout(
                 self.batch.export_timeout,
                 self.exporter.export(batch.clone()),
             );
-            let err = match attempt.await {
+            let failure = match attempt.await {
                 Ok(Ok(())) => {
                     self.metrics.spans_exported.inc_by(n);
                     self.set_healthy(true, None);
                     return;
                 }
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "export timed out".to_string(),
+                Ok(Err(f)) => f,
+                Err(_) => ExportFailure {
+                    retry: Retry::Backoff,
+                    reason: "export_failed",
+                    message: "export timed out (OTEL_BSP_EXPORT_TIMEOUT)".to_string(),
+                },
             };
             self.metrics.export_errors.inc();
-            self.set_healthy(false, Some(&err));
-            let retry_hint = retry_hint(&err);
-            let wait = retry_hint.unwrap_or_else(|| jitter(backoff));
-            if started.elapsed() + wait > self.batch.export_timeout || !retryable(&err) {
-                self.metrics.spans_dropped("export_failed", n);
-                return;
-            }
+            self.set_healthy(false, Some(&failure.message));
+            let wait = match failure.retry {
+                Retry::Never => {
+                    tracing::debug!(error = %failure.message, spans = n, reason = failure.reason, "batch dropped");
+                    self.metrics.spans_dropped(failure.reason, n);
+                    return;
+                }
+                Retry::After(hint) => hint.min(MAX_HINT),
+                Retry::Backoff => jitter(backoff),
+            };
+            tracing::debug!(error = %failure.message, retry_in = ?wait, "export failed; retrying");
             tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
@@ -284,36 +330,14 @@ impl Worker {
     }
 }
 
-/// Errors worth another try: everything but a rejection of the data itself.
-fn retryable(err: &str) -> bool {
-    let e = err.to_ascii_lowercase();
-    !(e.contains("invalidargument")
-        || e.contains("invalid argument")
-        || e.contains("status code: 400"))
-}
-
-/// A server-provided delay (`retry-after` / `RetryInfo`) in the error text, if any.
-fn retry_hint(err: &str) -> Option<Duration> {
-    let lower = err.to_ascii_lowercase();
-    let i = lower.find("retry")?;
-    let digits: String = lower[i..]
-        .chars()
-        .skip_while(|c| !c.is_ascii_digit())
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    let secs: u64 = digits.parse().ok()?;
-    Some(Duration::from_secs(secs.min(30)))
-}
-
-/// Full jitter: a uniform delay in [d/2, d].
+/// Jitter: a uniform delay in [d/2, d], so that many proxies do not retry in step.
 fn jitter(d: Duration) -> Duration {
-    let nanos = Instant::now().elapsed().subsec_nanos() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|t| t.subsec_nanos() as u64)
-            .unwrap_or(0);
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded randomly per instance: enough randomness for spreading retries.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
     let half = d / 2;
-    half + Duration::from_nanos(nanos % (half.as_nanos() as u64 + 1))
+    half + Duration::from_nanos(h.finish() % (half.as_nanos() as u64 + 1))
 }
 
 #[cfg(test)]
@@ -321,15 +345,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hints_and_jitter() {
-        assert_eq!(
-            retry_hint("status 429, retry after 3 seconds"),
-            Some(Duration::from_secs(3))
-        );
-        assert_eq!(retry_hint("connection refused"), None);
-        let d = jitter(Duration::from_millis(100));
-        assert!(d >= Duration::from_millis(50) && d <= Duration::from_millis(100));
-        assert!(!retryable("status: InvalidArgument"));
-        assert!(retryable("transport error"));
+    fn jitter_stays_in_range() {
+        for _ in 0..100 {
+            let d = jitter(Duration::from_millis(100));
+            assert!(d >= Duration::from_millis(50) && d <= Duration::from_millis(100));
+        }
     }
 }

@@ -71,7 +71,9 @@ impl Telemetry {
                 TracesExporter::Console => Some(export::Exporter::Console(
                     console::ConsoleExporter::default(),
                 )),
-                TracesExporter::Otlp => Some(export::Exporter::Otlp(otlp::exporter(&config.otlp)?)),
+                TracesExporter::Otlp => Some(export::Exporter::Otlp(Box::new(
+                    otlp::OtlpExporter::new(&config.otlp)?,
+                ))),
             },
         };
         let mut builder = SdkTracerProvider::builder()

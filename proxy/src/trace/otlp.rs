@@ -1,10 +1,22 @@
 //! The OTLP exporter (gRPC or http/protobuf) over our own connector, so that every new export
 //! connection takes the current TLS material (see [`super::tls`]).
+//!
+//! [`OtlpExporter`] owns the connection pool (a tonic channel, or a hyper client) and replaces it
+//! when the TLS material changes (the [`TlsSource`] generation moved) or after a transport
+//! failure, so rotated certificates take effect on the next export and a collector that starts
+//! refusing the old certificate cannot pin us to a dead connection.
+//!
+//! Each failure is classified as the OTLP specification says ([`Retry`]) and carries the
+//! collector's retry hint when it sent one: gRPC `google.rpc.RetryInfo` in
+//! `grpc-status-details-bin`, HTTP `Retry-After`. gRPC goes through the generated
+//! `TraceServiceClient` so that the full `tonic::Status` is ours to read; http/protobuf uses
+//! `opentelemetry-otlp`'s exporter over our [`HttpClient`], which notes the status and
+//! `Retry-After` of the response it carried. The retry loop itself is in [`super::export`].
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -13,13 +25,22 @@ use http::Uri;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema;
+use opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope;
+use opentelemetry_sdk::trace::{SpanData, SpanExporter as _};
+use opentelemetry_sdk::Resource;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::{OtlpConfig, OtlpProtocol};
 
 use super::tls::{TlsError, TlsSource};
+
+/// How often the TLS files are re-read.
+const TLS_POLL: Duration = Duration::from_secs(2);
 
 /// A failure to set up the exporter.
 #[derive(Debug, thiserror::Error)]
@@ -32,73 +53,447 @@ pub enum OtlpError {
     Build(String),
 }
 
-/// Builds the exporter; TLS is on for `https://` endpoints or when any TLS file is configured.
-pub fn exporter(cfg: &OtlpConfig) -> Result<opentelemetry_otlp::SpanExporter, OtlpError> {
-    let uri: Uri = cfg
-        .endpoint
-        .parse()
-        .map_err(|_| OtlpError::Endpoint(cfg.endpoint.clone()))?;
-    let wants_tls = uri.scheme_str() == Some("https")
-        || cfg.tls.ca_file.is_some()
-        || cfg.tls.client_cert_file.is_some();
+/// What to do after a failed export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// The collector refused the data itself (or we cannot send at all): drop the batch.
+    Never,
+    /// Transient: try again after the exponential back-off.
+    Backoff,
+    /// Transient, and the collector said when: try again after this delay.
+    After(Duration),
+}
+
+/// One failed export attempt.
+#[derive(Debug, Clone)]
+pub struct ExportFailure {
+    pub retry: Retry,
+    /// The `tracecar_spans_dropped_total` reason when the batch is dropped for it.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl ExportFailure {
+    fn new(retry: Retry, reason: &'static str, message: impl Into<String>) -> Self {
+        ExportFailure {
+            retry,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// TLS for the export connection, if any.
+#[derive(Debug)]
+enum TlsState {
+    Off,
+    On(Arc<TlsSource>),
+    /// The material could not be loaded at start-up and export is not required: retried on
+    /// every export, spans are dropped (reason `tls_material`) until it loads.
+    Broken(String),
+}
+
+/// The exporter with its current connection pool.
+#[derive(Debug)]
+enum Client {
+    Grpc {
+        client: TraceServiceClient<tonic::transport::Channel>,
+        metadata: tonic::metadata::MetadataMap,
+    },
+    Http {
+        exporter: opentelemetry_otlp::SpanExporter,
+        answer: Arc<Mutex<Option<HttpAnswer>>>,
+    },
+}
+
+/// What the last http/protobuf request got back.
+#[derive(Debug, Clone, Copy)]
+enum HttpAnswer {
+    Status(u16, Option<Duration>),
+    Transport,
+}
+
+/// The OTLP span exporter: protocol, TLS and the pool, rebuilt when the TLS material changes.
+#[derive(Debug)]
+pub struct OtlpExporter {
+    cfg: OtlpConfig,
+    tls: TlsState,
+    resource: Resource,
+    attrs: ResourceAttributesWithSchema,
+    /// The pool and the TLS generation its connections were made with.
+    client: Option<(u64, Client)>,
+}
+
+impl OtlpExporter {
+    /// Builds the exporter; TLS is on for `https://` endpoints or when any TLS file is configured.
+    /// With `cfg.required` false, unusable TLS material is reported by [`Self::problem`] and
+    /// retried on each export instead of failing here.
+    pub fn new(cfg: &OtlpConfig) -> Result<OtlpExporter, OtlpError> {
+        let uri: Uri = cfg
+            .endpoint
+            .parse()
+            .map_err(|_| OtlpError::Endpoint(cfg.endpoint.clone()))?;
+        if uri.host().is_none() {
+            return Err(OtlpError::Endpoint(cfg.endpoint.clone()));
+        }
+        let wants_tls = uri.scheme_str() == Some("https")
+            || cfg.tls.ca_file.is_some()
+            || cfg.tls.client_cert_file.is_some();
+        let tls = if !wants_tls {
+            TlsState::Off
+        } else {
+            match load_tls(cfg) {
+                Ok(source) => TlsState::On(source),
+                Err(e) if !cfg.required => {
+                    tracing::error!(
+                        error = %e,
+                        "export TLS material unusable; serving traffic without span export \
+                         (TRACECAR_EXPORT_REQUIRED=false) until it loads"
+                    );
+                    TlsState::Broken(e.to_string())
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let resource = Resource::builder_empty().build();
+        let mut this = OtlpExporter {
+            cfg: cfg.clone(),
+            tls,
+            attrs: (&resource).into(),
+            resource,
+            client: None,
+        };
+        // Build the pool now so endpoint problems show at start-up.
+        if !matches!(this.tls, TlsState::Broken(_)) {
+            let generation = this.generation();
+            this.client = Some((generation, this.build()?));
+        }
+        Ok(this)
+    }
+
+    /// Why export cannot work at all right now (start-up material missing), if so.
+    pub fn problem(&self) -> Option<String> {
+        match &self.tls {
+            TlsState::Broken(e) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn set_resource(&mut self, resource: &Resource) {
+        self.resource = resource.clone();
+        self.attrs = resource.into();
+        if let Some((_, Client::Http { exporter, .. })) = &mut self.client {
+            exporter.set_resource(resource);
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        match &self.tls {
+            TlsState::On(s) => s.generation(),
+            _ => 0,
+        }
+    }
+
+    /// Sends one batch, once. The caller retries as [`ExportFailure::retry`] says.
+    pub async fn export(&mut self, batch: Vec<SpanData>) -> Result<(), ExportFailure> {
+        if let TlsState::Broken(_) = &self.tls {
+            match load_tls(&self.cfg) {
+                Ok(source) => {
+                    tracing::info!("export TLS material loaded; span export starts");
+                    self.tls = TlsState::On(source);
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    self.tls = TlsState::Broken(msg.clone());
+                    return Err(ExportFailure::new(Retry::Never, "tls_material", msg));
+                }
+            }
+        }
+        let generation = self.generation();
+        let stale = !matches!(&self.client, Some((g, _)) if *g == generation);
+        if stale {
+            // New material (or none yet): new pool, so new connections use it; the old pool and
+            // its connections are dropped.
+            let client = self
+                .build()
+                .map_err(|e| ExportFailure::new(Retry::Never, "export_failed", e.to_string()))?;
+            self.client = Some((generation, client));
+        }
+        let Some((_, client)) = &mut self.client else {
+            return Err(ExportFailure::new(
+                Retry::Backoff,
+                "export_failed",
+                "no export client",
+            ));
+        };
+        let timeout = self.cfg.timeout;
+        let result = match client {
+            Client::Grpc { client, metadata } => {
+                let mut request = tonic::Request::new(ExportTraceServiceRequest {
+                    resource_spans: group_spans_by_resource_and_scope(batch, &self.attrs),
+                });
+                *request.metadata_mut() = metadata.clone();
+                request.set_timeout(timeout);
+                match tokio::time::timeout(timeout, client.export(request)).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(status)) => Err(classify_grpc(&status)),
+                    Err(_) => Err(ExportFailure::new(
+                        Retry::Backoff,
+                        "export_failed",
+                        "export timed out",
+                    )),
+                }
+            }
+            Client::Http { exporter, answer } => {
+                if let Ok(mut a) = answer.lock() {
+                    *a = None;
+                }
+                match exporter.export(batch).await {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        let last = answer.lock().ok().and_then(|a| *a);
+                        Err(classify_http(last, e.to_string()))
+                    }
+                }
+            }
+        };
+        if let Err(f) = &result {
+            // Without a hint from a live collector, assume the connection is the problem and
+            // start the next attempt on a fresh one (with the current material).
+            if f.retry == Retry::Backoff {
+                self.client = None;
+            }
+        }
+        result
+    }
+
+    fn build(&self) -> Result<Client, OtlpError> {
+        let connector = Connector {
+            tls: match &self.tls {
+                TlsState::On(s) => Some(s.clone()),
+                _ => None,
+            },
+            connect_timeout: self.cfg.timeout,
+        };
+        let cfg = &self.cfg;
+        match cfg.protocol {
+            OtlpProtocol::Grpc => {
+                // The scheme only tells tonic how to build URIs; TLS is the connector's job.
+                let plain = cfg.endpoint.replacen("https://", "http://", 1);
+                let endpoint = tonic::transport::Endpoint::from_shared(plain)
+                    .map_err(|e| OtlpError::Endpoint(e.to_string()))?
+                    .connect_timeout(cfg.timeout)
+                    .timeout(cfg.timeout);
+                let channel = endpoint.connect_with_connector_lazy(connector);
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                for (k, v) in &cfg.headers {
+                    if let (Ok(k), Ok(v)) = (
+                        tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes()),
+                        v.parse(),
+                    ) {
+                        metadata.insert(k, v);
+                    }
+                }
+                Ok(Client::Grpc {
+                    client: TraceServiceClient::new(channel),
+                    metadata,
+                })
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .build(connector);
+                let answer = Arc::new(Mutex::new(None));
+                let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_http_client(HttpClient {
+                        client,
+                        timeout: cfg.timeout,
+                        answer: answer.clone(),
+                    })
+                    .with_endpoint(cfg.endpoint.clone())
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_headers(cfg.headers.iter().cloned().collect())
+                    .with_timeout(cfg.timeout)
+                    .build()
+                    .map_err(|e| OtlpError::Build(e.to_string()))?;
+                exporter.set_resource(&self.resource);
+                Ok(Client::Http { exporter, answer })
+            }
+        }
+    }
+}
+
+fn load_tls(cfg: &OtlpConfig) -> Result<Arc<TlsSource>, TlsError> {
     let alpn: &[&[u8]] = match cfg.protocol {
         OtlpProtocol::Grpc => &[b"h2"],
         OtlpProtocol::HttpProtobuf => &[b"http/1.1"],
     };
-    let tls = if wants_tls {
-        let source = TlsSource::load(&cfg.tls, alpn)?;
-        source.watch(Duration::from_secs(2));
-        Some(source)
+    let source = TlsSource::load(&cfg.tls, alpn)?;
+    source.watch(TLS_POLL);
+    Ok(source)
+}
+
+/// OTLP/gRPC failure handling per the OTLP specification: these codes are transient;
+/// `RESOURCE_EXHAUSTED` only when the collector sent `RetryInfo`. Errors tonic made locally
+/// (connect, TLS handshake, broken connection) are transient too.
+fn classify_grpc(status: &tonic::Status) -> ExportFailure {
+    use tonic::Code;
+    let hint = retry_info(status.details());
+    let local = std::error::Error::source(status).is_some();
+    let message = match std::error::Error::source(status) {
+        Some(src) => format!(
+            "gRPC {:?}: {} ({})",
+            status.code(),
+            status.message(),
+            chain(src)
+        ),
+        None => format!("gRPC {:?}: {}", status.code(), status.message()),
+    };
+    let transient = matches!(
+        status.code(),
+        Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::Aborted
+            | Code::OutOfRange
+            | Code::Unavailable
+            | Code::DataLoss
+    ) || (status.code() == Code::ResourceExhausted && hint.is_some())
+        || local;
+    let retry = match (transient, hint) {
+        (false, _) => Retry::Never,
+        (true, Some(d)) => Retry::After(d),
+        (true, None) => Retry::Backoff,
+    };
+    let reason = if transient {
+        "export_failed"
     } else {
-        None
+        "rejected"
     };
-    let connector = Connector {
-        tls,
-        connect_timeout: cfg.timeout,
-    };
-    match cfg.protocol {
-        OtlpProtocol::Grpc => {
-            // The scheme only tells tonic how to build URIs; TLS is the connector's job.
-            let plain = cfg.endpoint.replacen("https://", "http://", 1);
-            let endpoint = tonic::transport::Endpoint::from_shared(plain)
-                .map_err(|e| OtlpError::Endpoint(e.to_string()))?
-                .timeout(cfg.timeout);
-            let channel = endpoint.connect_with_connector_lazy(connector);
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            for (k, v) in &cfg.headers {
-                if let (Ok(k), Ok(v)) = (
-                    tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes()),
-                    v.parse(),
-                ) {
-                    metadata.insert(k, v);
-                }
+    ExportFailure::new(retry, reason, message)
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+/// OTLP/HTTP failure handling: 429, 502, 503, 504 and network errors are transient, honouring
+/// `Retry-After`; any other status means the collector refused the data.
+fn classify_http(answer: Option<HttpAnswer>, message: String) -> ExportFailure {
+    match answer {
+        Some(HttpAnswer::Status(code, hint)) => {
+            let message = format!("HTTP {code}: {message}");
+            if matches!(code, 429 | 502 | 503 | 504) {
+                let retry = hint.map_or(Retry::Backoff, Retry::After);
+                ExportFailure::new(retry, "export_failed", message)
+            } else {
+                ExportFailure::new(Retry::Never, "rejected", message)
             }
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_channel(channel)
-                .with_metadata(metadata)
-                .with_timeout(cfg.timeout)
-                .build()
-                .map_err(|e| OtlpError::Build(e.to_string()))
         }
-        OtlpProtocol::HttpProtobuf => {
-            let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector);
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_http_client(HttpClient {
-                    client,
-                    timeout: cfg.timeout,
-                })
-                .with_endpoint(cfg.endpoint.clone())
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_headers(cfg.headers.iter().cloned().collect())
-                .with_timeout(cfg.timeout)
-                .build()
-                .map_err(|e| OtlpError::Build(e.to_string()))
+        Some(HttpAnswer::Transport) => ExportFailure::new(Retry::Backoff, "export_failed", message),
+        // The request never reached our client (e.g. it could not be encoded).
+        None => ExportFailure::new(Retry::Never, "export_failed", message),
+    }
+}
+
+/// `Retry-After` in its delay-seconds form (the HTTP-date form is rare from collectors and is
+/// treated as no hint).
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let v = headers.get(http::header::RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// The `google.rpc.RetryInfo.retry_delay` inside an encoded `google.rpc.Status` (the
+/// `grpc-status-details-bin` trailer), if present. A small protobuf walk: Status.details (3) is
+/// a repeated `Any` {type_url (1), value (2)}; RetryInfo.retry_delay (1) is a `Duration`
+/// {seconds (1), nanos (2)}.
+fn retry_info(details: &[u8]) -> Option<Duration> {
+    for (field, value) in proto_fields(details)? {
+        let (3, Field::Bytes(any)) = (field, value) else {
+            continue;
+        };
+        let mut type_url: &[u8] = b"";
+        let mut payload: &[u8] = b"";
+        for (f, v) in proto_fields(any)? {
+            match (f, v) {
+                (1, Field::Bytes(b)) => type_url = b,
+                (2, Field::Bytes(b)) => payload = b,
+                _ => {}
+            }
+        }
+        if !type_url.ends_with(b"google.rpc.RetryInfo") {
+            continue;
+        }
+        for (f, v) in proto_fields(payload)? {
+            if let (1, Field::Bytes(d)) = (f, v) {
+                let (mut secs, mut nanos) = (0u64, 0u64);
+                for (f, v) in proto_fields(d)? {
+                    match (f, v) {
+                        (1, Field::Varint(s)) => secs = s,
+                        (2, Field::Varint(n)) => nanos = n,
+                        _ => {}
+                    }
+                }
+                return Some(
+                    Duration::from_secs(secs) + Duration::from_nanos(nanos.min(999_999_999)),
+                );
+            }
         }
     }
+    None
+}
+
+enum Field<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Other,
+}
+
+/// The top-level fields of one protobuf message; `None` when it is malformed.
+fn proto_fields(mut buf: &[u8]) -> Option<Vec<(u64, Field<'_>)>> {
+    fn varint(buf: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = buf.split_first()?;
+            *buf = rest;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let key = varint(&mut buf)?;
+        let field = match key & 7 {
+            0 => Field::Varint(varint(&mut buf)?),
+            1 => {
+                buf = buf.get(8..)?;
+                Field::Other
+            }
+            2 => {
+                let len = usize::try_from(varint(&mut buf)?).ok()?;
+                let (b, rest) = (buf.get(..len)?, buf.get(len..)?);
+                buf = rest;
+                Field::Bytes(b)
+            }
+            5 => {
+                buf = buf.get(4..)?;
+                Field::Other
+            }
+            _ => return None,
+        };
+        out.push((key >> 3, field));
+    }
+    Some(out)
 }
 
 /// TCP, then TLS with the material current at connect time.
@@ -210,11 +605,21 @@ impl AsyncWrite for ExportStream {
     }
 }
 
-/// `opentelemetry_http::HttpClient` over hyper with our connector.
+/// `opentelemetry_http::HttpClient` over hyper with our connector; notes what each request got
+/// back so that failures can be classified with the collector's retry hint.
 #[derive(Debug, Clone)]
 struct HttpClient {
     client: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
     timeout: Duration,
+    answer: Arc<Mutex<Option<HttpAnswer>>>,
+}
+
+impl HttpClient {
+    fn note(&self, answer: HttpAnswer) {
+        if let Ok(mut a) = self.answer.lock() {
+            *a = Some(answer);
+        }
+    }
 }
 
 #[async_trait::async_trait]
@@ -224,14 +629,80 @@ impl opentelemetry_http::HttpClient for HttpClient {
         request: http::Request<Bytes>,
     ) -> Result<http::Response<Bytes>, opentelemetry_http::HttpError> {
         let request = request.map(Full::new);
-        let response = tokio::time::timeout(self.timeout, self.client.request(request))
-            .await
-            .map_err(|_| "export request timed out")??;
+        let response = match tokio::time::timeout(self.timeout, self.client.request(request)).await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.note(HttpAnswer::Transport);
+                return Err(chain(&e).into());
+            }
+            Err(_) => {
+                self.note(HttpAnswer::Transport);
+                return Err("export request timed out".into());
+            }
+        };
         let (parts, body) = response.into_parts();
-        let body = tokio::time::timeout(self.timeout, body.collect())
-            .await
-            .map_err(|_| "export response timed out")??
-            .to_bytes();
+        self.note(HttpAnswer::Status(
+            parts.status.as_u16(),
+            retry_after(&parts.headers),
+        ));
+        let body = match tokio::time::timeout(self.timeout, body.collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => {
+                self.note(HttpAnswer::Transport);
+                return Err(e.into());
+            }
+            Err(_) => {
+                self.note(HttpAnswer::Transport);
+                return Err("export response timed out".into());
+            }
+        };
         Ok(http::Response::from_parts(parts, body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_info_is_read_from_status_details() {
+        // google.rpc.Status { code: 14, details: [Any { type_url, value: RetryInfo { 2.5s } }] }
+        let duration = [0x08, 0x02, 0x10, 0x80, 0xca, 0xb5, 0xee, 0x01]; // 2s, 500_000_000ns
+        let mut retry = vec![0x0a, duration.len() as u8];
+        retry.extend_from_slice(&duration);
+        let url = b"type.googleapis.com/google.rpc.RetryInfo";
+        let mut any = vec![0x0a, url.len() as u8];
+        any.extend_from_slice(url);
+        any.extend_from_slice(&[0x12, retry.len() as u8]);
+        any.extend_from_slice(&retry);
+        let mut status = vec![0x08, 14];
+        status.extend_from_slice(&[0x1a, any.len() as u8]);
+        status.extend_from_slice(&any);
+        assert_eq!(retry_info(&status), Some(Duration::from_millis(2500)));
+        assert_eq!(retry_info(&[0x08, 14]), None);
+        assert_eq!(retry_info(&[0x1a, 0x7f]), None, "truncated");
+    }
+
+    #[test]
+    fn grpc_and_http_failures_follow_the_otlp_spec() {
+        let s = tonic::Status::unavailable("down");
+        assert_eq!(classify_grpc(&s).retry, Retry::Backoff);
+        let s = tonic::Status::invalid_argument("bad");
+        assert_eq!(classify_grpc(&s).retry, Retry::Never);
+        assert_eq!(classify_grpc(&s).reason, "rejected");
+        let s = tonic::Status::resource_exhausted("slow down");
+        assert_eq!(classify_grpc(&s).retry, Retry::Never);
+        let hint = Some(HttpAnswer::Status(429, Some(Duration::from_secs(3))));
+        assert_eq!(
+            classify_http(hint, String::new()).retry,
+            Retry::After(Duration::from_secs(3))
+        );
+        let r = classify_http(Some(HttpAnswer::Status(503, None)), String::new());
+        assert_eq!(r.retry, Retry::Backoff);
+        let r = classify_http(Some(HttpAnswer::Status(400, None)), String::new());
+        assert_eq!((r.retry, r.reason), (Retry::Never, "rejected"));
+        let r = classify_http(Some(HttpAnswer::Transport), String::new());
+        assert_eq!(r.retry, Retry::Backoff);
     }
 }

@@ -5,6 +5,7 @@
 //! contents rather than watching inodes. A new pair that fails to load (half-written, key not
 //! matching the certificate) is rejected with one log line and the previous material stays.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -28,14 +29,66 @@ pub enum TlsError {
         path: String,
         what: &'static str,
     },
-    #[error("client key does not match client certificate ({cert:?}, {key:?}): {reason}")]
+    #[error("{var} file {path:?} is not usable: {reason}")]
+    Invalid {
+        var: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("client key {key:?} does not match client certificate {cert:?}: {reason}")]
     Mismatch {
         cert: String,
         key: String,
         reason: String,
     },
-    #[error("TLS setup failed: {0}")]
-    Rustls(#[from] rustls::Error),
+}
+
+impl TlsError {
+    /// The setting at fault: environment variable, CLI flag, the value given, and what a good
+    /// value is; for start-up errors that name the variable.
+    pub fn setting(&self) -> (&'static str, &'static str, String, String) {
+        let flag = |var: &str| match var {
+            CA => "otlp-certificate",
+            CERT => "otlp-client-certificate",
+            _ => "otlp-client-key",
+        };
+        match self {
+            TlsError::Read { var, path, source } => (
+                var,
+                flag(var),
+                path.clone(),
+                format!("a readable PEM file ({source})"),
+            ),
+            TlsError::Empty { var, path, what } => (
+                var,
+                flag(var),
+                path.clone(),
+                format!("a file holding a {what}"),
+            ),
+            TlsError::Invalid { var, path, reason } => (
+                var,
+                flag(var),
+                path.clone(),
+                format!("a valid PEM file ({reason})"),
+            ),
+            TlsError::Mismatch { cert, key, reason } => (
+                KEY,
+                "otlp-client-key",
+                key.clone(),
+                format!("the private key of the certificate in {CERT} {cert:?} ({reason})"),
+            ),
+        }
+    }
+}
+
+const CA: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
+const CERT: &str = "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE";
+const KEY: &str = "OTEL_EXPORTER_OTLP_CLIENT_KEY";
+
+/// Loads and checks the material once, as start-up validation does.
+pub fn check(files: &ExportTls) -> Result<(), TlsError> {
+    let snap = TlsSource::snapshot(files)?;
+    build(files, &snap, &[]).map(|_| ())
 }
 
 /// The raw file contents a config was built from, to notice changes.
@@ -47,11 +100,15 @@ struct Snapshot {
 }
 
 /// The current client TLS configuration, swapped in place on rotation.
+///
+/// Every swap bumps [`TlsSource::generation`], so the exporter knows when its pooled
+/// connections still run on old material and must be replaced (see [`super::otlp`]).
 #[derive(Debug)]
 pub struct TlsSource {
     files: ExportTls,
     alpn: Vec<Vec<u8>>,
     current: RwLock<(Snapshot, Arc<ClientConfig>)>,
+    generation: AtomicU64,
 }
 
 fn read(var: &'static str, path: &Option<String>) -> Result<Option<Vec<u8>>, TlsError> {
@@ -75,17 +132,15 @@ impl TlsSource {
             files: files.clone(),
             alpn,
             current: RwLock::new((snap, Arc::new(config))),
+            generation: AtomicU64::new(1),
         }))
     }
 
     fn snapshot(files: &ExportTls) -> Result<Snapshot, TlsError> {
         Ok(Snapshot {
-            ca: read("OTEL_EXPORTER_OTLP_CERTIFICATE", &files.ca_file)?,
-            cert: read(
-                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
-                &files.client_cert_file,
-            )?,
-            key: read("OTEL_EXPORTER_OTLP_CLIENT_KEY", &files.client_key_file)?,
+            ca: read(CA, &files.ca_file)?,
+            cert: read(CERT, &files.client_cert_file)?,
+            key: read(KEY, &files.client_key_file)?,
         })
     }
 
@@ -95,6 +150,11 @@ impl TlsSource {
             Ok(g) => g.1.clone(),
             Err(p) => p.into_inner().1.clone(),
         }
+    }
+
+    /// Bumped each time new material is taken; starts at 1.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn server_name_override(&self) -> Option<&str> {
@@ -109,9 +169,11 @@ impl TlsSource {
             return Ok(false);
         }
         let config = build(&self.files, &snap, &self.alpn)?;
-        if let Ok(mut g) = self.current.write() {
-            *g = (snap, Arc::new(config));
+        match self.current.write() {
+            Ok(mut g) => *g = (snap, Arc::new(config)),
+            Err(p) => *p.into_inner() = (snap, Arc::new(config)),
         }
+        self.generation.fetch_add(1, Ordering::AcqRel);
         Ok(true)
     }
 
@@ -126,7 +188,8 @@ impl TlsSource {
                 match source.reload() {
                     Ok(true) => {
                         tracing::info!(
-                            "export TLS material changed on disk; new connections use it"
+                            generation = source.generation(),
+                            "export TLS material changed on disk; new export connections use it"
                         );
                         last_error = None;
                     }
@@ -146,19 +209,29 @@ impl TlsSource {
 
 fn build(files: &ExportTls, snap: &Snapshot, alpn: &[Vec<u8>]) -> Result<ClientConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca_path = files.ca_file.clone().unwrap_or_default();
+    let cert_path = files.client_cert_file.clone().unwrap_or_default();
+    let invalid = |var: &'static str, path: &str| {
+        let path = path.to_string();
+        move |e: rustls::Error| TlsError::Invalid {
+            var,
+            path,
+            reason: e.to_string(),
+        }
+    };
     let mut roots = RootCertStore::empty();
     match &snap.ca {
         Some(pem) => {
             let certs = certs(pem);
             if certs.is_empty() {
                 return Err(TlsError::Empty {
-                    var: "OTEL_EXPORTER_OTLP_CERTIFICATE",
-                    path: files.ca_file.clone().unwrap_or_default(),
+                    var: CA,
+                    path: ca_path,
                     what: "PEM certificate",
                 });
             }
             for c in certs {
-                roots.add(c)?;
+                roots.add(c).map_err(invalid(CA, &ca_path))?;
             }
         }
         None => {
@@ -169,22 +242,22 @@ fn build(files: &ExportTls, snap: &Snapshot, alpn: &[Vec<u8>]) -> Result<ClientC
         }
     }
     let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(invalid(CA, &ca_path))?
         .with_root_certificates(roots);
     let mut config = match (&snap.cert, &snap.key) {
         (Some(cert_pem), Some(key_pem)) => {
-            let cert_path = files.client_cert_file.clone().unwrap_or_default();
             let key_path = files.client_key_file.clone().unwrap_or_default();
             let chain = certs(cert_pem);
             if chain.is_empty() {
                 return Err(TlsError::Empty {
-                    var: "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                    var: CERT,
                     path: cert_path,
                     what: "PEM certificate",
                 });
             }
             let key = private_key(key_pem).ok_or_else(|| TlsError::Empty {
-                var: "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+                var: KEY,
                 path: key_path.clone(),
                 what: "PEM private key (PKCS#8, SEC1 or PKCS#1)",
             })?;
@@ -202,7 +275,13 @@ fn build(files: &ExportTls, snap: &Snapshot, alpn: &[Vec<u8>]) -> Result<ClientC
                 key: key_path.clone(),
                 reason: e.to_string(),
             })?;
-            builder.with_client_auth_cert(chain, key)?
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| TlsError::Mismatch {
+                    cert: cert_path.clone(),
+                    key: key_path.clone(),
+                    reason: e.to_string(),
+                })?
         }
         _ => builder.with_no_client_auth(),
     };
