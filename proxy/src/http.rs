@@ -67,7 +67,7 @@ fn split_authority(a: &http::uri::Authority, default_port: u16) -> (String, u16)
 }
 
 impl Conn {
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         let shared = &self.shared;
         if req.method() == Method::CONNECT
             && self.target.is_none()
@@ -99,22 +99,22 @@ impl Conn {
             }
             None => None,
         };
-        let path = req.uri().path().to_owned();
-        let method = req.method().clone();
-        let version = req.version();
+        // Split the request so the span can read the URI while it writes the headers.
+        let (mut parts, body) = req.into_parts();
         let info = RequestInfo {
-            method: &method,
-            path: &path,
+            method: &parts.method,
+            path: parts.uri.path(),
             scheme: "http",
-            version,
+            version: parts.version,
             server_address: routed.as_ref().map(|(h, _)| h.as_str()),
             server_port: routed.as_ref().map(|(_, p)| *p),
             client_address: (shared.direction == Direction::Inbound).then(|| self.peer.ip()),
         };
         let mut span = match shared.direction {
-            Direction::Inbound => shared.telemetry.server_span(info, req.headers_mut()),
-            Direction::Outbound => shared.telemetry.client_span(info, req.headers_mut()),
+            Direction::Inbound => shared.telemetry.server_span(info, &mut parts.headers),
+            Direction::Outbound => shared.telemetry.client_span(info, &mut parts.headers),
         };
+        let req = Request::from_parts(parts, body);
         let target = match (&self.target, &routed) {
             (Some(t), _) => t.clone(),
             (None, Some((h, p))) if h.contains(':') => format!("[{h}]:{p}"),

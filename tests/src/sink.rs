@@ -108,13 +108,15 @@ pub enum Behaviour {
     Unavailable,
 }
 
+type BatchHook = Box<dyn FnMut(&[RecvSpan]) + Send>;
+
 #[derive(Default)]
 struct State {
     spans: Mutex<Vec<RecvSpan>>,
     requests: Mutex<u64>,
     unavailable: std::sync::atomic::AtomicBool,
     /// Called with every batch, e.g. to write JSON lines.
-    on_batch: Mutex<Option<Box<dyn FnMut(&[RecvSpan]) + Send>>>,
+    on_batch: Mutex<Option<BatchHook>>,
 }
 
 impl State {

@@ -46,7 +46,11 @@ pub struct RequestSpan {
 }
 
 fn static_method(m: &Method) -> Value {
-    let s: &'static str = match *m {
+    Value::String(StringValue::from(method_name(m)))
+}
+
+fn method_name(m: &Method) -> &'static str {
+    match *m {
         Method::GET => "GET",
         Method::POST => "POST",
         Method::PUT => "PUT",
@@ -58,8 +62,7 @@ fn static_method(m: &Method) -> Value {
         Method::TRACE => "TRACE",
         // Semantic conventions: unknown methods are recorded as _OTHER.
         _ => "_OTHER",
-    };
-    Value::String(StringValue::from(s))
+    }
 }
 
 fn protocol_version(v: Version) -> &'static str {
@@ -221,11 +224,7 @@ impl Telemetry {
         parent: &Context,
         direction: Direction,
     ) -> RequestSpan {
-        let name = match static_method(info.method) {
-            Value::String(s) => s,
-            _ => StringValue::from("HTTP"),
-        };
-        let builder = SpanBuilder::from_name(name.as_str().to_owned())
+        let builder = SpanBuilder::from_name(method_name(info.method))
             .with_kind(kind)
             .with_attributes(attributes(&info, headers));
         let span = self.tracer.build_with_context(builder, parent);
