@@ -77,7 +77,7 @@ if [ -x "$SINK_SRC" ] && [ -z "${NETNS_CONSOLE:-}" ]; then
   SPAN_FILES=("$WORK/spans.jsonl")
 else
   EXPORTER=console
-  echo "netns: note: no otlp-sink binary; reading spans from the proxies' console exporter"
+  echo "netns: note: reading spans from the proxies' console exporter (no otlp-sink, or NETNS_CONSOLE set)"
   SPAN_FILES=("$WORK/a.out" "$WORK/b.out" "$WORK/c.out")
 fi
 
