@@ -88,7 +88,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tracecar-proxy init: {e:#}");
-                    ExitCode::from(2)
+                    ExitCode::from(init::exit_code(&e) as u8)
                 }
             }
         }

@@ -32,6 +32,35 @@ pub struct Proxy {
     drain_timeout: Duration,
 }
 
+/// For a listener on `0.0.0.0:P` or `127.0.0.1:P`, a companion on `[::]:P` or `[::1]:P`
+/// (IPv6 only, so both can bind), when the host has IPv6; `None` otherwise.
+fn ipv6_twin(v4: SocketAddr) -> Option<TcpListener> {
+    let SocketAddr::V4(a) = v4 else { return None };
+    let ip = if a.ip().is_unspecified() {
+        std::net::Ipv6Addr::UNSPECIFIED
+    } else if a.ip().is_loopback() {
+        std::net::Ipv6Addr::LOCALHOST
+    } else {
+        return None;
+    };
+    let addr = SocketAddr::new(ip.into(), a.port());
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV6,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .ok()?;
+    socket.set_only_v6(true).ok()?;
+    socket.set_reuse_address(true).ok()?;
+    socket.set_nonblocking(true).ok()?;
+    if let Err(e) = socket.bind(&addr.into()) {
+        tracing::debug!(%addr, error = %e, "no IPv6 listener");
+        return None;
+    }
+    socket.listen(1024).ok()?;
+    TcpListener::from_std(socket.into()).ok()
+}
+
 /// How long connecting to an upstream may take before the client gets a 502.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -50,6 +79,9 @@ impl Proxy {
         let inbound = bind(config.inbound_listen, "inbound").await?;
         let outbound = bind(config.outbound_listen, "outbound").await?;
         let admin_listener = bind(config.admin_listen, "admin").await?;
+        // iptables redirects a pod's IPv6 traffic to the same ports over IPv6.
+        let inbound6 = ipv6_twin(inbound.local_addr()?);
+        let outbound6 = ipv6_twin(outbound.local_addr()?);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let upstream = Upstream::new(CONNECT_TIMEOUT);
         let listener_cfg = ListenerConfig {
@@ -84,9 +116,22 @@ impl Proxy {
         tasks.spawn(listen::run(
             outbound,
             shared(Direction::Outbound),
-            listener_cfg,
+            listener_cfg.clone(),
             shutdown_rx.clone(),
         ));
+        for (listener, direction) in [
+            (inbound6, Direction::Inbound),
+            (outbound6, Direction::Outbound),
+        ] {
+            if let Some(l) = listener {
+                tasks.spawn(listen::run(
+                    l,
+                    shared(direction),
+                    listener_cfg.clone(),
+                    shutdown_rx.clone(),
+                ));
+            }
+        }
         tasks.spawn(crate::admin::run(
             admin_listener,
             admin.clone(),

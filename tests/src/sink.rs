@@ -6,8 +6,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use serde::Serialize;
@@ -54,15 +58,25 @@ fn any_json(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> ser
 }
 
 fn kv_map(kvs: &[KeyValue]) -> BTreeMap<String, serde_json::Value> {
-    kvs.iter().map(|kv| (kv.key.clone(), any_json(&kv.value))).collect()
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), any_json(&kv.value)))
+        .collect()
 }
 
 /// Flattens an export request into spans.
 pub fn flatten(req: &ExportTraceServiceRequest) -> Vec<RecvSpan> {
     let mut out = Vec::new();
     for rs in &req.resource_spans {
-        let resource = rs.resource.as_ref().map(|r| kv_map(&r.attributes)).unwrap_or_default();
-        let service_name = resource.get("service.name").and_then(|v| v.as_str()).unwrap_or("").to_string();
+        let resource = rs
+            .resource
+            .as_ref()
+            .map(|r| kv_map(&r.attributes))
+            .unwrap_or_default();
+        let service_name = resource
+            .get("service.name")
+            .and_then(|v| v.as_str())
+            .unwrap_or("")
+            .to_string();
         for ss in &rs.scope_spans {
             for s in &ss.spans {
                 let kind = match s.kind {
@@ -150,7 +164,9 @@ impl TraceService for Grpc {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         if self.0.take(request.get_ref()) {
-            Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+            Ok(tonic::Response::new(ExportTraceServiceResponse {
+                partial_success: None,
+            }))
         } else {
             Err(tonic::Status::unavailable("sink is unavailable (test)"))
         }
@@ -188,33 +204,49 @@ impl Sink {
                 let state = http_state.clone();
                 let tls = tls.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let mut grpc = grpc.clone();
-                        let state = state.clone();
-                        async move {
-                            if req.uri().path() == "/v1/traces" {
-                                return Ok::<_, std::convert::Infallible>(http_export(&state, req).await);
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let mut grpc = grpc.clone();
+                            let state = state.clone();
+                            async move {
+                                if req.uri().path() == "/v1/traces" {
+                                    return Ok::<_, std::convert::Infallible>(
+                                        http_export(&state, req).await,
+                                    );
+                                }
+                                let resp = tower_service_call(&mut grpc, req).await;
+                                Ok(resp)
                             }
-                            let resp = tower_service_call(&mut grpc, req).await;
-                            Ok(resp)
-                        }
-                    });
-                    let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                        },
+                    );
+                    let builder = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
                     match tls {
                         None => {
-                            let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+                            let _ = builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                                .await;
                         }
                         Some(cfg) => {
-                            let Ok(tls_stream) = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await else {
+                            let Ok(tls_stream) =
+                                tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await
+                            else {
                                 return;
                             };
-                            let _ = builder.serve_connection(hyper_util::rt::TokioIo::new(tls_stream), svc).await;
+                            let _ = builder
+                                .serve_connection(hyper_util::rt::TokioIo::new(tls_stream), svc)
+                                .await;
                         }
                     }
                 });
             }
         });
-        Sink { addr, state, _stop: stop }
+        Sink {
+            addr,
+            state,
+            _stop: stop,
+        }
     }
 
     /// `http://addr` for gRPC or http/protobuf.
@@ -223,7 +255,11 @@ impl Sink {
     }
 
     pub fn spans(&self) -> Vec<RecvSpan> {
-        self.state.spans.lock().map(|s| s.clone()).unwrap_or_default()
+        self.state
+            .spans
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
     }
 
     pub fn clear(&self) {
@@ -233,7 +269,10 @@ impl Sink {
     }
 
     pub fn set_behaviour(&self, b: Behaviour) {
-        self.state.unavailable.store(b == Behaviour::Unavailable, std::sync::atomic::Ordering::SeqCst);
+        self.state.unavailable.store(
+            b == Behaviour::Unavailable,
+            std::sync::atomic::Ordering::SeqCst,
+        );
     }
 
     pub fn on_batch(&self, f: impl FnMut(&[RecvSpan]) + Send + 'static) {
@@ -281,17 +320,30 @@ async fn http_export(
         return status(400);
     };
     if state.take(&decoded) {
-        let resp = ExportTraceServiceResponse { partial_success: None }.encode_to_vec();
-        let mut r = http::Response::new(http_body_util::Either::Right(http_body_util::Full::new(bytes::Bytes::from(resp))));
-        r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-protobuf"));
+        let resp = ExportTraceServiceResponse {
+            partial_success: None,
+        }
+        .encode_to_vec();
+        let mut r = http::Response::new(http_body_util::Either::Right(http_body_util::Full::new(
+            bytes::Bytes::from(resp),
+        )));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-protobuf"),
+        );
         r
     } else {
         status(503)
     }
 }
 
-fn status(code: u16) -> http::Response<http_body_util::Either<tonic::body::Body, http_body_util::Full<bytes::Bytes>>> {
-    let mut r = http::Response::new(http_body_util::Either::Right(http_body_util::Full::new(bytes::Bytes::new())));
-    *r.status_mut() = http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
+fn status(
+    code: u16,
+) -> http::Response<http_body_util::Either<tonic::body::Body, http_body_util::Full<bytes::Bytes>>> {
+    let mut r = http::Response::new(http_body_util::Either::Right(http_body_util::Full::new(
+        bytes::Bytes::new(),
+    )));
+    *r.status_mut() =
+        http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::INTERNAL_SERVER_ERROR);
     r
 }
