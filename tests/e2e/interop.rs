@@ -25,7 +25,10 @@ impl Drop for PyServer {
 async fn round_trip(python: &str, propagator: &str) {
     let sink = Sink::start().await;
     let port = free_port();
-    let out = std::env::temp_dir().join(format!("tracecar-interop-{}-{propagator}.jsonl", std::process::id()));
+    let out = std::env::temp_dir().join(format!(
+        "tracecar-interop-{}-{propagator}.jsonl",
+        std::process::id()
+    ));
     let _ = std::fs::remove_file(&out);
     let mut child = Command::new(python)
         .arg(peer_script())
@@ -35,31 +38,59 @@ async fn round_trip(python: &str, propagator: &str) {
         .spawn()
         .expect("python server");
     let mut ready = String::new();
-    std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut ready).expect("ready line");
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut ready)
+        .expect("ready line");
     assert_eq!(ready.trim(), "ready");
     let _server = PyServer(child);
 
     let mut env = base_env(&sink.endpoint());
     env.push(("OTEL_PROPAGATORS".into(), propagator.into()));
-    env.push(("TRACECAR_INBOUND_TARGET".into(), format!("127.0.0.1:{port}")));
+    env.push((
+        "TRACECAR_INBOUND_TARGET".into(),
+        format!("127.0.0.1:{port}"),
+    ));
     let proxy = ProxyProcess::spawn(&env);
 
     let client = Command::new(python)
         .arg(peer_script())
-        .args(["client", &format!("http://{}/interop", proxy.inbound), propagator])
+        .args([
+            "client",
+            &format!("http://{}/interop", proxy.inbound),
+            propagator,
+        ])
         .output()
         .expect("python client");
-    assert!(client.status.success(), "{}", String::from_utf8_lossy(&client.stderr));
-    let client_span: serde_json::Value = serde_json::from_slice(&client.stdout).expect("client ids");
+    assert!(
+        client.status.success(),
+        "{}",
+        String::from_utf8_lossy(&client.stderr)
+    );
+    let client_span: serde_json::Value =
+        serde_json::from_slice(&client.stdout).expect("client ids");
 
     let spans = sink.wait_for(1, Duration::from_secs(10)).await;
-    let proxy_span = spans.iter().find(|s| s.kind == "SERVER").expect("proxy SERVER span");
-    assert_eq!(proxy_span.trace_id, client_span["trace_id"], "{propagator}: same trace as the Python client");
-    assert_eq!(proxy_span.parent_span_id, client_span["span_id"], "{propagator}: child of the Python client span");
+    let proxy_span = spans
+        .iter()
+        .find(|s| s.kind == "SERVER")
+        .expect("proxy SERVER span");
+    assert_eq!(
+        proxy_span.trace_id, client_span["trace_id"],
+        "{propagator}: same trace as the Python client"
+    );
+    assert_eq!(
+        proxy_span.parent_span_id, client_span["span_id"],
+        "{propagator}: child of the Python client span"
+    );
 
     let line = std::fs::read_to_string(&out).expect("python server record");
-    let server_span: serde_json::Value = serde_json::from_str(line.lines().next().expect("one request")).unwrap();
-    assert_eq!(server_span["trace_id"], proxy_span.trace_id.as_str(), "{propagator}: server continues the trace");
+    let server_span: serde_json::Value =
+        serde_json::from_str(line.lines().next().expect("one request")).unwrap();
+    assert_eq!(
+        server_span["trace_id"],
+        proxy_span.trace_id.as_str(),
+        "{propagator}: server continues the trace"
+    );
     assert_eq!(
         server_span["parent_span_id"],
         proxy_span.span_id.as_str(),
@@ -69,7 +100,9 @@ async fn round_trip(python: &str, propagator: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sdk_peers_in_every_format() {
-    let Some(python) = python_with_otel() else { return };
+    let Some(python) = python_with_otel() else {
+        return;
+    };
     for propagator in ["tracecontext", "b3", "b3multi", "jaeger"] {
         round_trip(&python, propagator).await;
     }

@@ -30,7 +30,9 @@ async fn grpc_unary_through_the_inbound_listener() {
     // The "app" is itself a gRPC server: a second receiver.
     let grpc_app = Sink::start().await;
     let proxy = ProxyProcess::spawn(&env(&sink, grpc_app.addr));
-    let mut client = TraceServiceClient::connect(format!("http://{}", proxy.inbound)).await.expect("h2c connect");
+    let mut client = TraceServiceClient::connect(format!("http://{}", proxy.inbound))
+        .await
+        .expect("h2c connect");
     let span = Span {
         trace_id: vec![1; 16],
         span_id: vec![2; 8],
@@ -40,20 +42,35 @@ async fn grpc_unary_through_the_inbound_listener() {
     };
     let req = ExportTraceServiceRequest {
         resource_spans: vec![ResourceSpans {
-            scope_spans: vec![ScopeSpans { spans: vec![span], ..Default::default() }],
+            scope_spans: vec![ScopeSpans {
+                spans: vec![span],
+                ..Default::default()
+            }],
             ..Default::default()
         }],
     };
-    client.export(req).await.expect("gRPC call through the proxy");
+    client
+        .export(req)
+        .await
+        .expect("gRPC call through the proxy");
     let got = grpc_app.wait_for(1, WAIT).await;
     assert_eq!(got[0].name, "payload");
 
     let spans = sink.wait_for(1, WAIT).await;
-    let s = spans.iter().find(|s| s.kind == "SERVER").expect("server span");
+    let s = spans
+        .iter()
+        .find(|s| s.kind == "SERVER")
+        .expect("server span");
     assert_eq!(s.attr_str("network.protocol.version"), Some("2"));
     assert_eq!(s.attr_str("http.request.method"), Some("POST"));
-    assert_eq!(s.attr_str("url.path"), Some("/opentelemetry.proto.collector.trace.v1.TraceService/Export"));
-    assert_eq!(s.attr("http.response.status_code"), Some(&serde_json::json!(200)));
+    assert_eq!(
+        s.attr_str("url.path"),
+        Some("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+    );
+    assert_eq!(
+        s.attr("http.response.status_code"),
+        Some(&serde_json::json!(200))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,23 +80,33 @@ async fn http2_streaming_request_and_response_with_trailers() {
     let proxy = ProxyProcess::spawn(&env(&sink, app.addr));
     let stream = tokio::net::TcpStream::connect(proxy.inbound).await.unwrap();
     let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
     tokio::spawn(conn);
 
     // Response side: data frames then trailers.
     let req = http::Request::get("http://app/trailers")
-        .body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed())
+        .body(
+            Empty::<Bytes>::new()
+                .map_err(|never| match never {})
+                .boxed(),
+        )
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
     let collected = resp.into_body().collect().await.unwrap();
-    let trailers = collected.trailers().cloned().expect("trailers crossed the proxy");
+    let trailers = collected
+        .trailers()
+        .cloned()
+        .expect("trailers crossed the proxy");
     assert_eq!(trailers["grpc-status"], "0");
     assert_eq!(trailers["x-checksum"], "abc");
     assert_eq!(collected.to_bytes(), Bytes::from_static(b"part1,part2"));
 
     // Request side: a body streamed in chunks, counted by the app.
-    let chunks = (0..64).map(|_| Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![7u8; 16 * 1024]))));
+    let chunks =
+        (0..64).map(|_| Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![7u8; 16 * 1024]))));
     let body = StreamBody::new(futures_util::stream::iter(chunks)).boxed();
     let req = http::Request::post("http://app/count").body(body).unwrap();
     let resp = sender.send_request(req).await.unwrap();
@@ -96,7 +123,10 @@ async fn upgrade_is_spliced_end_to_end() {
     let echoed = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        s.write_all(b"GET /upgrade HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n").unwrap();
+        s.write_all(
+            b"GET /upgrade HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        )
+        .unwrap();
         let mut head = Vec::new();
         let mut b = [0u8; 1];
         while !head.ends_with(b"\r\n\r\n") {
@@ -105,7 +135,10 @@ async fn upgrade_is_spliced_end_to_end() {
         }
         let head = String::from_utf8(head).unwrap();
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-        assert!(head.to_ascii_lowercase().contains("upgrade: echo"), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("upgrade: echo"),
+            "{head}"
+        );
         let mut out = Vec::new();
         for msg in [&b"hello "[..], b"over the upgraded connection"] {
             s.write_all(msg).unwrap();
@@ -119,7 +152,10 @@ async fn upgrade_is_spliced_end_to_end() {
     .unwrap();
     assert_eq!(echoed, "hello over the upgraded connection");
     let spans = sink.wait_for(1, WAIT).await;
-    assert_eq!(spans[0].attr("http.response.status_code"), Some(&serde_json::json!(101)));
+    assert_eq!(
+        spans[0].attr("http.response.status_code"),
+        Some(&serde_json::json!(101))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -139,7 +175,8 @@ async fn connect_tunnels_pass_through_the_outbound_listener() {
             head.push(b[0]);
         }
         assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"));
-        s.write_all(b"GET /status/204 HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n").unwrap();
+        s.write_all(b"GET /status/204 HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+            .unwrap();
         let mut rest = String::new();
         let _ = s.read_to_string(&mut rest);
         rest
@@ -148,9 +185,15 @@ async fn connect_tunnels_pass_through_the_outbound_listener() {
     .unwrap();
     assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
     let spans = sink.wait_for(1, WAIT).await;
-    let c = spans.iter().find(|s| s.kind == "CLIENT").expect("CONNECT span");
+    let c = spans
+        .iter()
+        .find(|s| s.kind == "CLIENT")
+        .expect("CONNECT span");
     assert_eq!(c.name, "CONNECT");
-    assert_eq!(c.attr("server.port"), Some(&serde_json::json!(app.addr.port())));
+    assert_eq!(
+        c.attr("server.port"),
+        Some(&serde_json::json!(app.addr.port()))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +217,10 @@ async fn expect_100_continue() {
     })
     .await
     .unwrap();
-    assert!(answer.contains("200 OK") && answer.ends_with('5'), "{answer:?}");
+    assert!(
+        answer.contains("200 OK") && answer.ends_with('5'),
+        "{answer:?}"
+    );
 }
 
 /// 100 MiB down and 100 MiB up through the proxy, chunked; the proxy's memory must stay flat.
@@ -188,27 +234,46 @@ async fn large_bodies_stream_with_flat_memory() {
     tracecar_tests::app::get(&format!("http://{}/warm", proxy.inbound), &[]).await;
     let before = proxy.rss_kib();
 
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
-    let resp = client.get(format!("http://{}/stream/{SIZE}", proxy.inbound).parse().unwrap()).await.unwrap();
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Empty<Bytes>>();
+    let resp = client
+        .get(
+            format!("http://{}/stream/{SIZE}", proxy.inbound)
+                .parse()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let mut got = 0u64;
     while let Some(frame) = body.frame().await {
-        got += frame.unwrap().data_ref().map(|d| d.len() as u64).unwrap_or(0);
+        got += frame
+            .unwrap()
+            .data_ref()
+            .map(|d| d.len() as u64)
+            .unwrap_or(0);
     }
     assert_eq!(got, SIZE);
 
     let chunk = Bytes::from(vec![1u8; 256 * 1024]);
     let n = SIZE / chunk.len() as u64;
-    let chunks = futures_util::stream::iter((0..n).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))));
+    let chunks = futures_util::stream::iter(
+        (0..n).map(move |_| Ok::<_, std::io::Error>(Frame::data(chunk.clone()))),
+    );
     let up = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .build_http::<StreamBody<futures_util::stream::Iter<_>>>();
-    let req = http::Request::post(format!("http://{}/count", proxy.inbound)).body(StreamBody::new(chunks)).unwrap();
+    let req = http::Request::post(format!("http://{}/count", proxy.inbound))
+        .body(StreamBody::new(chunks))
+        .unwrap();
     let resp = up.request(req).await.unwrap();
     let counted = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(counted, SIZE.to_string());
 
     let peak = proxy.peak_rss_kib();
     eprintln!("proxy RSS before {before} KiB, peak after 2 x 100 MiB {peak} KiB");
-    assert!(peak < before + 32 * 1024, "memory grew with the body: {before} KiB -> peak {peak} KiB");
+    assert!(
+        peak < before + 32 * 1024,
+        "memory grew with the body: {before} KiB -> peak {peak} KiB"
+    );
 }

@@ -39,13 +39,21 @@ async fn inbound_request_makes_a_server_span_that_continues_the_caller() {
     let mut e = env(&sink, &app, &[]);
     e.push(("TRACECAR_POD_NAME".into(), "web-7d9f-abcde".into()));
     e.push(("TRACECAR_POD_NAMESPACE".into(), "shop".into()));
-    e.push(("OTEL_RESOURCE_ATTRIBUTES".into(), "k8s.deployment.name=web,team=checkout".into()));
+    e.push((
+        "OTEL_RESOURCE_ATTRIBUTES".into(),
+        "k8s.deployment.name=web,team=checkout".into(),
+    ));
     let proxy = ProxyProcess::spawn(&e);
 
     let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let (status, _, _) = get(
         &format!("http://{}/orders/42?card=4111", proxy.inbound),
-        &[("traceparent", caller), ("tracestate", "vendor=abc"), ("baggage", "user=alice"), ("user-agent", "curl/8")],
+        &[
+            ("traceparent", caller),
+            ("tracestate", "vendor=abc"),
+            ("baggage", "user=alice"),
+            ("user-agent", "curl/8"),
+        ],
     )
     .await;
     assert_eq!(status, 200);
@@ -58,18 +66,38 @@ async fn inbound_request_makes_a_server_span_that_continues_the_caller() {
     assert_eq!(s.attr_str("http.request.method"), Some("GET"));
     assert_eq!(s.attr_str("url.path"), Some("/orders/42"));
     assert_eq!(s.attr_str("url.scheme"), Some("http"));
-    assert_eq!(s.attr("http.response.status_code"), Some(&serde_json::json!(200)));
+    assert_eq!(
+        s.attr("http.response.status_code"),
+        Some(&serde_json::json!(200))
+    );
     assert_eq!(s.attr_str("server.address"), Some("127.0.0.1"));
-    assert_eq!(s.attr("server.port"), Some(&serde_json::json!(proxy.inbound.port())));
+    assert_eq!(
+        s.attr("server.port"),
+        Some(&serde_json::json!(proxy.inbound.port()))
+    );
     assert_eq!(s.attr_str("client.address"), Some("127.0.0.1"));
     assert_eq!(s.attr_str("network.protocol.version"), Some("1.1"));
     assert_eq!(s.attr_str("user_agent.original"), Some("curl/8"));
-    assert!(!serde_json::to_string(&s.attributes).unwrap().contains("4111"), "query string leaked");
+    assert!(
+        !serde_json::to_string(&s.attributes)
+            .unwrap()
+            .contains("4111"),
+        "query string leaked"
+    );
     assert_eq!(s.status, "UNSET");
     assert_eq!(s.service_name, "test-svc");
-    assert_eq!(s.resource.get("k8s.pod.name"), Some(&serde_json::json!("web-7d9f-abcde")));
-    assert_eq!(s.resource.get("k8s.namespace.name"), Some(&serde_json::json!("shop")));
-    assert_eq!(s.resource.get("k8s.deployment.name"), Some(&serde_json::json!("web")));
+    assert_eq!(
+        s.resource.get("k8s.pod.name"),
+        Some(&serde_json::json!("web-7d9f-abcde"))
+    );
+    assert_eq!(
+        s.resource.get("k8s.namespace.name"),
+        Some(&serde_json::json!("shop"))
+    );
+    assert_eq!(
+        s.resource.get("k8s.deployment.name"),
+        Some(&serde_json::json!("web"))
+    );
 
     // The app sees the proxy's span as parent; tracestate and baggage pass through.
     let seen = app.last("/orders").expect("app got the request");
@@ -96,10 +124,16 @@ async fn outbound_forward_proxy_makes_a_client_span() {
     assert_eq!(status, 200, "{body:?}");
     let spans = sink.wait_for(1, WAIT).await;
     let c = only(&spans, "CLIENT");
-    assert_eq!(c.parent_span_id, "", "no context and nothing in flight: a root span");
+    assert_eq!(
+        c.parent_span_id, "",
+        "no context and nothing in flight: a root span"
+    );
     assert_eq!(c.attr_str("url.path"), Some("/api/items"));
     assert_eq!(c.attr_str("server.address"), Some("127.0.0.1"));
-    assert_eq!(c.attr("server.port"), Some(&serde_json::json!(app.addr.port())));
+    assert_eq!(
+        c.attr("server.port"),
+        Some(&serde_json::json!(app.addr.port()))
+    );
     let seen = app.last("/api/items").unwrap();
     let (trace, parent, _) = parent_of(seen.headers["traceparent"].to_str().unwrap());
     assert_eq!((trace, parent), (c.trace_id.as_str(), c.span_id.as_str()));
@@ -112,7 +146,10 @@ async fn calls_of_an_app_that_forwards_no_headers_join_the_inbound_trace() {
     let backend = App::start().await;
     let proxy = ProxyProcess::spawn(&env(&sink, &app, &[]));
     // The app serves /call by calling the backend through the proxy, without trace headers.
-    let url = format!("http://{}/call?via={}&to={}&path=/stock", proxy.inbound, proxy.outbound, backend.addr);
+    let url = format!(
+        "http://{}/call?via={}&to={}&path=/stock",
+        proxy.inbound, proxy.outbound, backend.addr
+    );
     let (status, _, _) = get(&url, &[]).await;
     assert_eq!(status, 200);
     let spans = sink.wait_for(2, WAIT).await;
@@ -122,7 +159,10 @@ async fn calls_of_an_app_that_forwards_no_headers_join_the_inbound_trace() {
     assert_eq!(client.parent_span_id, server.span_id);
     assert_eq!(client.attr_str("tracecar.correlation"), Some("inflight"));
     let seen = backend.last("/stock").unwrap();
-    assert_eq!(parent_of(seen.headers["traceparent"].to_str().unwrap()).1, client.span_id);
+    assert_eq!(
+        parent_of(seen.headers["traceparent"].to_str().unwrap()).1,
+        client.span_id
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,10 +171,16 @@ async fn correlation_off_leaves_such_calls_as_separate_traces() {
     let app = App::start().await;
     let backend = App::start().await;
     let proxy = ProxyProcess::spawn(&env(&sink, &app, &[("TRACECAR_CORRELATION", "off")]));
-    let url = format!("http://{}/call?via={}&to={}&path=/stock", proxy.inbound, proxy.outbound, backend.addr);
+    let url = format!(
+        "http://{}/call?via={}&to={}&path=/stock",
+        proxy.inbound, proxy.outbound, backend.addr
+    );
     assert_eq!(get(&url, &[]).await.0, 200);
     let spans = sink.wait_for(2, WAIT).await;
-    assert_ne!(only(&spans, "CLIENT").trace_id, only(&spans, "SERVER").trace_id);
+    assert_ne!(
+        only(&spans, "CLIENT").trace_id,
+        only(&spans, "SERVER").trace_id
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,22 +188,45 @@ async fn status_rules_and_upstream_down() {
     let sink = Sink::start().await;
     let app = App::start().await;
     let proxy = ProxyProcess::spawn(&env(&sink, &app, &[]));
-    assert_eq!(get(&format!("http://{}/status/404", proxy.inbound), &[]).await.0, 404);
-    assert_eq!(get(&format!("http://{}/status/503", proxy.inbound), &[]).await.0, 503);
+    assert_eq!(
+        get(&format!("http://{}/status/404", proxy.inbound), &[])
+            .await
+            .0,
+        404
+    );
+    assert_eq!(
+        get(&format!("http://{}/status/503", proxy.inbound), &[])
+            .await
+            .0,
+        503
+    );
     let out = proxy.outbound.to_string();
-    let (s, _) = tracecar_tests::app::get_via_proxy(&out, &format!("http://{}/status/404", app.addr)).await.unwrap();
+    let (s, _) =
+        tracecar_tests::app::get_via_proxy(&out, &format!("http://{}/status/404", app.addr))
+            .await
+            .unwrap();
     assert_eq!(s, 404);
     let spans = sink.wait_for(3, WAIT).await;
     let by = |kind: &str, code: i64| {
         spans
             .iter()
-            .find(|s| s.kind == kind && s.attr("http.response.status_code") == Some(&serde_json::json!(code)))
+            .find(|s| {
+                s.kind == kind
+                    && s.attr("http.response.status_code") == Some(&serde_json::json!(code))
+            })
             .unwrap_or_else(|| panic!("no {kind} {code} in {spans:#?}"))
             .clone()
     };
-    assert_eq!(by("SERVER", 404).status, "UNSET", "4xx is not a server error");
+    assert_eq!(
+        by("SERVER", 404).status,
+        "UNSET",
+        "4xx is not a server error"
+    );
     let s503 = by("SERVER", 503);
-    assert_eq!((s503.status.as_str(), s503.attr_str("error.type")), ("ERROR", Some("503")));
+    assert_eq!(
+        (s503.status.as_str(), s503.attr_str("error.type")),
+        ("ERROR", Some("503"))
+    );
     assert_eq!(by("CLIENT", 404).status, "ERROR", "4xx is a client error");
 
     // The app goes away: the caller gets 502 and the span says why.
@@ -166,7 +235,10 @@ async fn status_rules_and_upstream_down() {
     let proxy2 = ProxyProcess::spawn(&{
         let mut e = env(&sink, &app, &[]);
         e.retain(|(k, _)| k != "TRACECAR_INBOUND_TARGET");
-        e.push(("TRACECAR_INBOUND_TARGET".into(), format!("127.0.0.1:{dead}")));
+        e.push((
+            "TRACECAR_INBOUND_TARGET".into(),
+            format!("127.0.0.1:{dead}"),
+        ));
         e
     });
     let (status, headers, _) = get(&format!("http://{}/x", proxy2.inbound), &[]).await;
@@ -176,7 +248,10 @@ async fn status_rules_and_upstream_down() {
     let s = only(&spans, "SERVER");
     assert_eq!(s.attr_str("error.type"), Some("connection_refused"));
     assert_eq!(s.status, "ERROR");
-    assert_eq!(proxy2.metric(r#"tracecar_requests_total{direction="inbound",status_class="5xx"}"#), Some(1.0));
+    assert_eq!(
+        proxy2.metric(r#"tracecar_requests_total{direction="inbound",status_class="5xx"}"#),
+        Some(1.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,16 +259,35 @@ async fn malformed_requests_get_400_are_counted_and_harm_nothing() {
     let sink = Sink::start().await;
     let app = App::start().await;
     let proxy = ProxyProcess::spawn(&env(&sink, &app, &[]));
-    let answer = raw_exchange(proxy.inbound, b"GET /\x01\x02 HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n").unwrap();
+    let answer = raw_exchange(
+        proxy.inbound,
+        b"GET /\x01\x02 HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n",
+    )
+    .unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
     let answer = raw_exchange(proxy.inbound, b"\x16\x03\x01garbage-not-http\r\n\r\n").unwrap();
-    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+        "{answer:?}"
+    );
     // Forward proxy request naming no destination.
     let answer = raw_exchange(proxy.outbound, b"GET /x HTTP/1.1\r\n\r\n").unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
-    assert!(proxy.metric(r#"tracecar_malformed_requests_total{direction="inbound"}"#).unwrap_or(0.0) >= 1.0);
-    assert_eq!(proxy.metric(r#"tracecar_malformed_requests_total{direction="outbound"}"#), Some(1.0));
-    assert_eq!(get(&format!("http://{}/ok", proxy.inbound), &[]).await.0, 200, "still serving");
+    assert!(
+        proxy
+            .metric(r#"tracecar_malformed_requests_total{direction="inbound"}"#)
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(
+        proxy.metric(r#"tracecar_malformed_requests_total{direction="outbound"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        get(&format!("http://{}/ok", proxy.inbound), &[]).await.0,
+        200,
+        "still serving"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,14 +296,28 @@ async fn unsampled_requests_propagate_with_the_flag_off_and_export_nothing() {
     let app = App::start().await;
     let proxy = ProxyProcess::spawn(&env(&sink, &app, &[]));
     let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
-    assert_eq!(get(&format!("http://{}/u", proxy.inbound), &[("traceparent", caller)]).await.0, 200);
-    let tp = app.last("/u").unwrap().headers["traceparent"].to_str().unwrap().to_string();
+    assert_eq!(
+        get(
+            &format!("http://{}/u", proxy.inbound),
+            &[("traceparent", caller)]
+        )
+        .await
+        .0,
+        200
+    );
+    let tp = app.last("/u").unwrap().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
     let (trace, parent, flags) = parent_of(&tp);
     assert_eq!(trace, "0af7651916cd43dd8448eb211c80319c");
     assert_ne!(parent, "b7ad6b7169203331", "the proxy's own span id");
     assert_eq!(flags, "00");
     // A sampled request afterwards arrives; the unsampled one never does.
-    assert_eq!(get(&format!("http://{}/s", proxy.inbound), &[]).await.0, 200);
+    assert_eq!(
+        get(&format!("http://{}/s", proxy.inbound), &[]).await.0,
+        200
+    );
     let spans = sink.wait_for(1, WAIT).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let spans2 = sink.spans();
@@ -224,10 +332,19 @@ async fn ratio_sampler_zero_still_propagates() {
     let proxy = ProxyProcess::spawn(&env(
         &sink,
         &app,
-        &[("OTEL_TRACES_SAMPLER", "traceidratio"), ("OTEL_TRACES_SAMPLER_ARG", "0")],
+        &[
+            ("OTEL_TRACES_SAMPLER", "traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0"),
+        ],
     ));
-    assert_eq!(get(&format!("http://{}/r", proxy.inbound), &[]).await.0, 200);
-    let tp = app.last("/r").unwrap().headers["traceparent"].to_str().unwrap().to_string();
+    assert_eq!(
+        get(&format!("http://{}/r", proxy.inbound), &[]).await.0,
+        200
+    );
+    let tp = app.last("/r").unwrap().headers["traceparent"]
+        .to_str()
+        .unwrap()
+        .to_string();
     assert_eq!(parent_of(&tp).2, "00");
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(sink.spans().is_empty());
@@ -238,21 +355,47 @@ async fn ratio_sampler_zero_still_propagates() {
 async fn b3_and_jaeger_in_and_every_format_out() {
     let sink = Sink::start().await;
     let app = App::start().await;
-    let proxy = ProxyProcess::spawn(&env(&sink, &app, &[("OTEL_PROPAGATORS", "tracecontext,b3,b3multi,jaeger")]));
+    let proxy = ProxyProcess::spawn(&env(
+        &sink,
+        &app,
+        &[("OTEL_PROPAGATORS", "tracecontext,b3,b3multi,jaeger")],
+    ));
     let b3 = "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1";
-    assert_eq!(get(&format!("http://{}/b3", proxy.inbound), &[("b3", b3)]).await.0, 200);
+    assert_eq!(
+        get(&format!("http://{}/b3", proxy.inbound), &[("b3", b3)])
+            .await
+            .0,
+        200
+    );
     let jaeger = "a3ce929d0e0e47364bf92f3577b34da6:00f067aa0ba902b7:0:1";
-    assert_eq!(get(&format!("http://{}/jaeger", proxy.inbound), &[("uber-trace-id", jaeger)]).await.0, 200);
+    assert_eq!(
+        get(
+            &format!("http://{}/jaeger", proxy.inbound),
+            &[("uber-trace-id", jaeger)]
+        )
+        .await
+        .0,
+        200
+    );
     let spans = sink.wait_for(2, WAIT).await;
-    let s_b3 = spans.iter().find(|s| s.attr_str("url.path") == Some("/b3")).unwrap();
+    let s_b3 = spans
+        .iter()
+        .find(|s| s.attr_str("url.path") == Some("/b3"))
+        .unwrap();
     assert_eq!(s_b3.trace_id, "80f198ee56343ba864fe8b2a57d3eff7");
     assert_eq!(s_b3.parent_span_id, "e457b5a2e4d86bd1");
     let h = app.last("/b3").unwrap().headers;
-    assert_eq!(parent_of(h["traceparent"].to_str().unwrap()).1, s_b3.span_id);
+    assert_eq!(
+        parent_of(h["traceparent"].to_str().unwrap()).1,
+        s_b3.span_id
+    );
     assert!(h["b3"].to_str().unwrap().contains(&s_b3.span_id));
     assert_eq!(h["x-b3-spanid"].to_str().unwrap(), s_b3.span_id);
     assert!(h["uber-trace-id"].to_str().unwrap().contains(&s_b3.span_id));
-    let s_j = spans.iter().find(|s| s.attr_str("url.path") == Some("/jaeger")).unwrap();
+    let s_j = spans
+        .iter()
+        .find(|s| s.attr_str("url.path") == Some("/jaeger"))
+        .unwrap();
     assert_eq!(s_j.trace_id, "a3ce929d0e0e47364bf92f3577b34da6");
     assert_eq!(s_j.parent_span_id, "00f067aa0ba902b7");
 }
@@ -261,8 +404,15 @@ async fn b3_and_jaeger_in_and_every_format_out() {
 async fn http_protobuf_export_works() {
     let sink = Sink::start().await;
     let app = App::start().await;
-    let proxy = ProxyProcess::spawn(&env(&sink, &app, &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]));
-    assert_eq!(get(&format!("http://{}/hp", proxy.inbound), &[]).await.0, 200);
+    let proxy = ProxyProcess::spawn(&env(
+        &sink,
+        &app,
+        &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")],
+    ));
+    assert_eq!(
+        get(&format!("http://{}/hp", proxy.inbound), &[]).await.0,
+        200
+    );
     let spans = sink.wait_for(1, WAIT).await;
     assert_eq!(only(&spans, "SERVER").attr_str("url.path"), Some("/hp"));
 }
@@ -272,10 +422,18 @@ async fn console_exporter_prints_json_lines() {
     let sink = Sink::start().await;
     let app = App::start().await;
     let mut proxy = ProxyProcess::spawn(&env(&sink, &app, &[("OTEL_TRACES_EXPORTER", "console")]));
-    assert_eq!(get(&format!("http://{}/console", proxy.inbound), &[]).await.0, 200);
+    assert_eq!(
+        get(&format!("http://{}/console", proxy.inbound), &[])
+            .await
+            .0,
+        200
+    );
     assert!(proxy.terminate(WAIT).success());
     let out = proxy.stdout();
-    let line = out.lines().find(|l| l.contains("/console")).unwrap_or_else(|| panic!("stdout: {out}"));
+    let line = out
+        .lines()
+        .find(|l| l.contains("/console"))
+        .unwrap_or_else(|| panic!("stdout: {out}"));
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
     assert_eq!(v["kind"], "SERVER");
     assert_eq!(v["attributes"]["url.path"], "/console");
@@ -297,7 +455,10 @@ async fn sigterm_drains_in_flight_requests_and_flushes_spans() {
     assert_eq!(slow.await.unwrap(), 200, "the in-flight request finished");
     // Export was scheduled a minute away: only the shutdown flush can have sent it.
     let spans = sink.wait_for(1, Duration::from_secs(2)).await;
-    assert_eq!(only(&spans, "SERVER").attr_str("url.path"), Some("/slow/600"));
+    assert_eq!(
+        only(&spans, "SERVER").attr_str("url.path"),
+        Some("/slow/600")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,10 +475,20 @@ async fn collector_down_never_touches_app_traffic() {
         assert_eq!(status, 200);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(proxy.metric("tracecar_export_errors_total").unwrap_or(0.0) >= 1.0, "{}", proxy.metrics());
+    assert!(
+        proxy.metric("tracecar_export_errors_total").unwrap_or(0.0) >= 1.0,
+        "{}",
+        proxy.metrics()
+    );
     assert_eq!(proxy.metric("tracecar_export_healthy"), Some(0.0));
-    let dropped = proxy.metric(r#"tracecar_spans_dropped_total{reason="queue_full"}"#).unwrap_or(0.0);
-    assert!(dropped > 0.0, "a 16-span queue overflows with 200 requests: {}", proxy.metrics());
+    let dropped = proxy
+        .metric(r#"tracecar_spans_dropped_total{reason="queue_full"}"#)
+        .unwrap_or(0.0);
+    assert!(
+        dropped > 0.0,
+        "a 16-span queue overflows with 200 requests: {}",
+        proxy.metrics()
+    );
     let (status, _) = tracecar_tests::http_get_blocking(proxy.admin, "/ready").unwrap();
     assert_eq!(status, 200, "ready during a collector outage");
 }
@@ -327,8 +498,16 @@ fn invalid_settings_stop_start_up_with_one_clear_line() {
     for (var, value, expect) in [
         ("TRACECAR_CORRELATION", "maybe", "off or inflight"),
         ("OTEL_TRACES_SAMPLER", "sometimes", "always_on"),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon", "grpc or http/protobuf"),
-        ("TRACECAR_INBOUND_LISTEN", "everywhere", "IP address and port"),
+        (
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "carrier-pigeon",
+            "grpc or http/protobuf",
+        ),
+        (
+            "TRACECAR_INBOUND_LISTEN",
+            "everywhere",
+            "IP address and port",
+        ),
         ("OTEL_PROPAGATORS", "xray", "tracecontext"),
     ] {
         let out = std::process::Command::new(tracecar_tests::proxy_bin())
@@ -340,7 +519,10 @@ fn invalid_settings_stop_start_up_with_one_clear_line() {
         let err = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = err.lines().collect();
         assert_eq!(lines.len(), 1, "{err}");
-        assert!(lines[0].contains(var) && lines[0].contains(value) && lines[0].contains(expect), "{err}");
+        assert!(
+            lines[0].contains(var) && lines[0].contains(value) && lines[0].contains(expect),
+            "{err}"
+        );
     }
 }
 
@@ -349,15 +531,32 @@ async fn admin_endpoints() {
     let sink = Sink::start().await;
     let app = App::start().await;
     let proxy = ProxyProcess::spawn(&env(&sink, &app, &[]));
-    assert_eq!(tracecar_tests::http_get_blocking(proxy.admin, "/live").unwrap().0, 200);
-    assert_eq!(tracecar_tests::http_get_blocking(proxy.admin, "/ready").unwrap().0, 200);
+    assert_eq!(
+        tracecar_tests::http_get_blocking(proxy.admin, "/live")
+            .unwrap()
+            .0,
+        200
+    );
+    assert_eq!(
+        tracecar_tests::http_get_blocking(proxy.admin, "/ready")
+            .unwrap()
+            .0,
+        200
+    );
     for i in 0..3 {
         get(&format!("http://{}/m/{i}", proxy.inbound), &[]).await;
     }
     sink.wait_for(3, WAIT).await;
     let m = proxy.metrics();
-    assert_eq!(proxy.metric(r#"tracecar_requests_total{direction="inbound",status_class="2xx"}"#), Some(3.0), "{m}");
-    assert!(m.contains("tracecar_request_duration_seconds_bucket"), "{m}");
+    assert_eq!(
+        proxy.metric(r#"tracecar_requests_total{direction="inbound",status_class="2xx"}"#),
+        Some(3.0),
+        "{m}"
+    );
+    assert!(
+        m.contains("tracecar_request_duration_seconds_bucket"),
+        "{m}"
+    );
     assert!(proxy.metric("tracecar_spans_started_total").unwrap() >= 3.0);
     // The counter moves when the export call returns, just after the sink has the spans.
     let mut exported = None;

@@ -70,12 +70,19 @@ impl App {
 
     /// Headers of the last request whose path starts with `prefix`.
     pub fn last(&self, prefix: &str) -> Option<Seen> {
-        self.seen().into_iter().rev().find(|s| s.path.starts_with(prefix))
+        self.seen()
+            .into_iter()
+            .rev()
+            .find(|s| s.path.starts_with(prefix))
     }
 }
 
 fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<AppBody> {
-    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
     r
 }
@@ -93,11 +100,17 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
 async fn route(mut req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Response<AppBody> {
     let path = req.uri().path().to_string();
     if let Ok(mut s) = seen.lock() {
-        s.push(Seen { path: path.clone(), headers: req.headers().clone() });
+        s.push(Seen {
+            path: path.clone(),
+            headers: req.headers().clone(),
+        });
     }
     let tail = |p: &str| path.strip_prefix(p).unwrap_or("").to_string();
     if path.starts_with("/status/") {
-        let code = tail("/status/").parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
+        let code = tail("/status/")
+            .parse()
+            .ok()
+            .and_then(|c| StatusCode::from_u16(c).ok());
         return full(code.unwrap_or(StatusCode::BAD_REQUEST), "status\n");
     }
     if path.starts_with("/slow/") {
@@ -115,7 +128,10 @@ async fn route(mut req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Respo
                     return None;
                 }
                 let n = (total - sent).min(chunk.len() as u64);
-                Some((Ok::<_, std::io::Error>(Frame::data(chunk.slice(..n as usize))), sent + n))
+                Some((
+                    Ok::<_, std::io::Error>(Frame::data(chunk.slice(..n as usize))),
+                    sent + n,
+                ))
             }
         });
         return Response::new(StreamBody::new(stream).boxed());
@@ -146,8 +162,14 @@ async fn route(mut req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Respo
         });
         let mut r = Response::new(Empty::new().map_err(|never| match never {}).boxed());
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        r.headers_mut().insert(http::header::UPGRADE, http::HeaderValue::from_static("echo"));
-        r.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+        r.headers_mut().insert(
+            http::header::UPGRADE,
+            http::HeaderValue::from_static("echo"),
+        );
+        r.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
         return r;
     }
     if path == "/trailers" {
@@ -180,7 +202,8 @@ async fn route(mut req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Respo
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
         .collect();
-    let body = serde_json::json!({ "method": req.method().as_str(), "path": path, "headers": headers });
+    let body =
+        serde_json::json!({ "method": req.method().as_str(), "path": path, "headers": headers });
     full(StatusCode::OK, body.to_string())
 }
 
@@ -189,15 +212,24 @@ pub async fn get_via_proxy(via: &str, uri: &str) -> anyhow::Result<(StatusCode, 
     let stream = TcpStream::connect(via).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let host = uri.parse::<http::Uri>()?.authority().map(|a| a.to_string()).unwrap_or_default();
-    let req = Request::get(uri).header(http::header::HOST, host).body(Empty::<Bytes>::new())?;
+    let host = uri
+        .parse::<http::Uri>()?
+        .authority()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let req = Request::get(uri)
+        .header(http::header::HOST, host)
+        .body(Empty::<Bytes>::new())?;
     let resp = sender.send_request(req).await?;
     let status = resp.status();
     Ok((status, resp.into_body().collect().await?.to_bytes()))
 }
 
 /// A plain HTTP/1.1 client for tests (pooled).
-pub fn client() -> hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+pub fn client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+> {
     hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
 }
 
@@ -207,7 +239,10 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> (StatusCode, HeaderMap,
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = client().request(req.body(Full::new(Bytes::new())).expect("request")).await.expect("send");
+    let resp = client()
+        .request(req.body(Full::new(Bytes::new())).expect("request"))
+        .await
+        .expect("send");
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
