@@ -7,6 +7,7 @@
 //! - [`ProxyProcess`]: the proxy binary with its environment, stopped with SIGTERM.
 
 pub mod app;
+pub mod certs;
 pub mod sink;
 
 use std::net::{SocketAddr, TcpListener};
