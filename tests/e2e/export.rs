@@ -32,7 +32,13 @@ fn write(dir: &std::path::Path, name: &str, content: &str) -> String {
 }
 
 /// Proxy environment: export to `endpoint` with the given TLS files and fast batching.
-fn env(endpoint: &str, app: &App, protocol: &str, tls: &[(&str, String)], extra: &[(&str, &str)]) -> Vec<(String, String)> {
+fn env(
+    endpoint: &str,
+    app: &App,
+    protocol: &str,
+    tls: &[(&str, String)],
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
     let mut e = base_env(endpoint);
     e.push(("TRACECAR_INBOUND_TARGET".into(), app.addr.to_string()));
     e.push(("OTEL_EXPORTER_OTLP_PROTOCOL".into(), protocol.into()));
@@ -55,7 +61,9 @@ fn tls_files(ca: &str, cert: &str, key: &str) -> Vec<(&'static str, String)> {
 }
 
 fn ok_path(sink: &Sink, path: &str) -> bool {
-    sink.spans().iter().any(|s| s.attr_str("url.path") == Some(path))
+    sink.spans()
+        .iter()
+        .any(|s| s.attr_str("url.path") == Some(path))
 }
 
 async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -80,7 +88,11 @@ impl Collector {
     fn start(addr: SocketAddr, tls: Arc<rustls::ServerConfig>) -> Collector {
         // Built on a plain thread: a runtime cannot be started from inside the test's runtime.
         let (rt, sink) = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("rt");
             // The port was just released by the previous collector; bind may need a moment.
             for _ in 0..100 {
                 if std::net::TcpListener::bind(addr).is_ok() {
@@ -93,7 +105,10 @@ impl Collector {
         })
         .join()
         .expect("collector thread");
-        Collector { rt: Some(rt), sink: Some(sink) }
+        Collector {
+            rt: Some(rt),
+            sink: Some(sink),
+        }
     }
 
     fn sink(&self) -> &Sink {
@@ -124,7 +139,11 @@ async fn mtls_export_over_grpc_and_http_with_every_key_kind() {
     let ca = Ca::new("collector-ca");
     let clients = Ca::new("client-ca");
     let server = ca.server(&[]);
-    let sink = Sink::start_on("127.0.0.1:0".parse().unwrap(), Some(mtls_server_config(&server, &clients))).await;
+    let sink = Sink::start_on(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(mtls_server_config(&server, &clients)),
+    )
+    .await;
     let app = App::start().await;
     let dir = tmp("kinds");
     let ca_file = write(&dir, "ca.pem", &ca.cert_pem);
@@ -140,11 +159,22 @@ async fn mtls_export_over_grpc_and_http_with_every_key_kind() {
         let pair = clients.client(&format!("proxy-{i}"), kind);
         let (cert, key) = pair.write_to(&dir.join(format!("c{i}")));
         let endpoint = format!("https://127.0.0.1:{}", sink.addr.port());
-        let tls = tls_files(&ca_file, &cert.display().to_string(), &key.display().to_string());
+        let tls = tls_files(
+            &ca_file,
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        );
         let proxy = ProxyProcess::spawn(&env(&endpoint, &app, protocol, &tls, &[]));
         let path = format!("/mtls/{i}");
-        assert_eq!(get(&format!("http://{}{path}", proxy.inbound), &[]).await.0, 200);
-        assert!(wait_until(WAIT, || ok_path(&sink, &path)).await, "{protocol} {kind:?}: no span; proxy log: {}", proxy.stderr());
+        assert_eq!(
+            get(&format!("http://{}{path}", proxy.inbound), &[]).await.0,
+            200
+        );
+        assert!(
+            wait_until(WAIT, || ok_path(&sink, &path)).await,
+            "{protocol} {kind:?}: no span; proxy log: {}",
+            proxy.stderr()
+        );
     }
 }
 
@@ -153,29 +183,59 @@ async fn untrusted_client_certificate_delivers_nothing_and_app_traffic_is_untouc
     let ca = Ca::new("collector-ca");
     let clients = Ca::new("client-ca");
     let rogue = Ca::new("rogue-ca");
-    let sink = Sink::start_on("127.0.0.1:0".parse().unwrap(), Some(mtls_server_config(&ca.server(&[]), &clients))).await;
+    let sink = Sink::start_on(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(mtls_server_config(&ca.server(&[]), &clients)),
+    )
+    .await;
     let app = App::start().await;
     let dir = tmp("untrusted");
     let ca_file = write(&dir, "ca.pem", &ca.cert_pem);
     for protocol in ["grpc", "http/protobuf"] {
-        let (cert, key) = rogue.client("proxy", KeyKind::EcdsaP256Pkcs8).write_to(&dir.join(protocol.replace('/', "-")));
+        let (cert, key) = rogue
+            .client("proxy", KeyKind::EcdsaP256Pkcs8)
+            .write_to(&dir.join(protocol.replace('/', "-")));
         let endpoint = format!("https://127.0.0.1:{}", sink.addr.port());
-        let tls = tls_files(&ca_file, &cert.display().to_string(), &key.display().to_string());
+        let tls = tls_files(
+            &ca_file,
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        );
         let proxy = ProxyProcess::spawn(&env(&endpoint, &app, protocol, &tls, &[]));
         for i in 0..100 {
             let (status, _, _) = get(&format!("http://{}/u/{i}", proxy.inbound), &[]).await;
             assert_eq!(status, 200, "app traffic must not fail");
         }
         assert!(
-            wait_until(WAIT, || proxy.metric("tracecar_export_errors_total").unwrap_or(0.0) >= 1.0).await,
+            wait_until(WAIT, || proxy
+                .metric("tracecar_export_errors_total")
+                .unwrap_or(0.0)
+                >= 1.0)
+            .await,
             "{}",
             proxy.metrics()
         );
-        assert_eq!(proxy.metric("tracecar_export_healthy"), Some(0.0), "{protocol}");
-        assert!(sink.spans().is_empty(), "{protocol}: an untrusted client got spans in");
-        assert_eq!(tracecar_tests::http_get_blocking(proxy.admin, "/ready").unwrap().0, 200);
+        assert_eq!(
+            proxy.metric("tracecar_export_healthy"),
+            Some(0.0),
+            "{protocol}"
+        );
+        assert!(
+            sink.spans().is_empty(),
+            "{protocol}: an untrusted client got spans in"
+        );
+        assert_eq!(
+            tracecar_tests::http_get_blocking(proxy.admin, "/ready")
+                .unwrap()
+                .0,
+            200
+        );
         // One warning for the state change, not one per attempt or per span.
-        let warns = proxy.stderr().lines().filter(|l| l.contains("span export failing")).count();
+        let warns = proxy
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("span export failing"))
+            .count();
         assert_eq!(warns, 1, "{}", proxy.stderr());
     }
 }
@@ -185,18 +245,37 @@ async fn server_name_override_for_collectors_addressed_by_ip() {
     let ca = Ca::new("collector-ca");
     let clients = Ca::new("client-ca");
     let server = ca.server_named("otel-collector.observability.svc");
-    let sink = Sink::start_on("127.0.0.1:0".parse().unwrap(), Some(mtls_server_config(&server, &clients))).await;
+    let sink = Sink::start_on(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(mtls_server_config(&server, &clients)),
+    )
+    .await;
     let app = App::start().await;
     let dir = tmp("sni");
     let ca_file = write(&dir, "ca.pem", &ca.cert_pem);
-    let (cert, key) = clients.client("proxy", KeyKind::EcdsaP256Pkcs8).write_to(&dir);
+    let (cert, key) = clients
+        .client("proxy", KeyKind::EcdsaP256Pkcs8)
+        .write_to(&dir);
     let endpoint = format!("https://127.0.0.1:{}", sink.addr.port());
-    let tls = tls_files(&ca_file, &cert.display().to_string(), &key.display().to_string());
+    let tls = tls_files(
+        &ca_file,
+        &cert.display().to_string(),
+        &key.display().to_string(),
+    );
 
     // The name is verified: 127.0.0.1 is not in the certificate.
     let wrong = ProxyProcess::spawn(&env(&endpoint, &app, "grpc", &tls, &[]));
-    assert_eq!(get(&format!("http://{}/no", wrong.inbound), &[]).await.0, 200);
-    assert!(wait_until(WAIT, || wrong.metric("tracecar_export_errors_total").unwrap_or(0.0) >= 1.0).await);
+    assert_eq!(
+        get(&format!("http://{}/no", wrong.inbound), &[]).await.0,
+        200
+    );
+    assert!(
+        wait_until(WAIT, || wrong
+            .metric("tracecar_export_errors_total")
+            .unwrap_or(0.0)
+            >= 1.0)
+        .await
+    );
     assert!(sink.spans().is_empty());
 
     let right = ProxyProcess::spawn(&env(
@@ -204,10 +283,20 @@ async fn server_name_override_for_collectors_addressed_by_ip() {
         &app,
         "grpc",
         &tls,
-        &[("TRACECAR_EXPORT_TLS_SERVER_NAME", "otel-collector.observability.svc")],
+        &[(
+            "TRACECAR_EXPORT_TLS_SERVER_NAME",
+            "otel-collector.observability.svc",
+        )],
     ));
-    assert_eq!(get(&format!("http://{}/yes", right.inbound), &[]).await.0, 200);
-    assert!(wait_until(WAIT, || ok_path(&sink, "/yes")).await, "{}", right.stderr());
+    assert_eq!(
+        get(&format!("http://{}/yes", right.inbound), &[]).await.0,
+        200
+    );
+    assert!(
+        wait_until(WAIT, || ok_path(&sink, "/yes")).await,
+        "{}",
+        right.stderr()
+    );
     assert!(!ok_path(&sink, "/no"));
 }
 
@@ -215,22 +304,48 @@ async fn rotation(protocol: &str) {
     let ca = Ca::new("collector-ca");
     let clients = Ca::new("client-ca");
     let rogue = Ca::new("rogue-ca");
-    let sink = Sink::start_on("127.0.0.1:0".parse().unwrap(), Some(mtls_server_config(&ca.server(&[]), &clients))).await;
+    let sink = Sink::start_on(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(mtls_server_config(&ca.server(&[]), &clients)),
+    )
+    .await;
     let app = App::start().await;
-    let mut secret = SecretDir::new(tmp(&format!("rotate-{}", protocol.replace('/', "-"))), &ca.cert_pem, &rogue.client("proxy", KeyKind::EcdsaP256Pkcs8));
+    let mut secret = SecretDir::new(
+        tmp(&format!("rotate-{}", protocol.replace('/', "-"))),
+        &ca.cert_pem,
+        &rogue.client("proxy", KeyKind::EcdsaP256Pkcs8),
+    );
     let tls = vec![
-        ("OTEL_EXPORTER_OTLP_CERTIFICATE", secret.ca().display().to_string()),
-        ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", secret.cert().display().to_string()),
-        ("OTEL_EXPORTER_OTLP_CLIENT_KEY", secret.key().display().to_string()),
+        (
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            secret.ca().display().to_string(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            secret.cert().display().to_string(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            secret.key().display().to_string(),
+        ),
     ];
     let endpoint = format!("https://127.0.0.1:{}", sink.addr.port());
     let proxy = ProxyProcess::spawn(&env(&endpoint, &app, protocol, &tls, &[]));
 
     // Untrusted: nothing arrives, the spans wait in the queue.
     for i in 0..20 {
-        assert_eq!(get(&format!("http://{}/before/{i}", proxy.inbound), &[]).await.0, 200);
+        assert_eq!(
+            get(&format!("http://{}/before/{i}", proxy.inbound), &[])
+                .await
+                .0,
+            200
+        );
     }
-    assert!(wait_until(WAIT, || proxy.metric("tracecar_export_healthy") == Some(0.0)).await);
+    assert!(
+        wait_until(WAIT, || proxy.metric("tracecar_export_healthy")
+            == Some(0.0))
+        .await
+    );
     assert!(sink.spans().is_empty());
 
     // The kubelet swaps the Secret: a trusted pair. No restart.
@@ -247,30 +362,60 @@ async fn rotation(protocol: &str) {
     let before: HashSet<String> = sink
         .spans()
         .iter()
-        .filter_map(|s| s.attr_str("url.path").filter(|p| p.starts_with("/before/")).map(String::from))
+        .filter_map(|s| {
+            s.attr_str("url.path")
+                .filter(|p| p.starts_with("/before/"))
+                .map(String::from)
+        })
         .collect();
     assert_eq!(before.len(), 20, "{before:?}");
-    assert!(wait_until(WAIT, || proxy.metric("tracecar_export_healthy") == Some(1.0)).await);
+    assert!(
+        wait_until(WAIT, || proxy.metric("tracecar_export_healthy")
+            == Some(1.0))
+        .await
+    );
     eprintln!("{protocol}: spans arrived {took:?} after the swap");
 
     // A mismatched pair (certificate of one key, another key): rejected, old material stays.
     let other = clients.client("proxy", KeyKind::EcdsaP256Pkcs8);
-    let mismatched = Pair { cert_pem: trusted.cert_pem.clone(), key_pem: other.key_pem };
+    let mismatched = Pair {
+        cert_pem: trusted.cert_pem.clone(),
+        key_pem: other.key_pem,
+    };
     secret.swap(&ca.cert_pem, &mismatched);
     assert!(
-        wait_until(WAIT, || proxy.stderr().contains("new export TLS material rejected")).await,
+        wait_until(WAIT, || proxy
+            .stderr()
+            .contains("new export TLS material rejected"))
+        .await,
         "{}",
         proxy.stderr()
     );
     let log = proxy.stderr();
-    let line = log.lines().find(|l| l.contains("new export TLS material rejected")).unwrap();
+    let line = log
+        .lines()
+        .find(|l| l.contains("new export TLS material rejected"))
+        .unwrap();
     assert!(line.contains("does not match"), "{line}");
     // Also force fresh connections: the pool must come back with the old (good) material.
     for i in 0..5 {
-        assert_eq!(get(&format!("http://{}/after/{i}", proxy.inbound), &[]).await.0, 200);
+        assert_eq!(
+            get(&format!("http://{}/after/{i}", proxy.inbound), &[])
+                .await
+                .0,
+            200
+        );
     }
-    assert!(wait_until(WAIT, || ok_path(&sink, "/after/4")).await, "{}", proxy.stderr());
-    assert_eq!(log.matches("new export TLS material rejected").count(), 1, "one line per change: {log}");
+    assert!(
+        wait_until(WAIT, || ok_path(&sink, "/after/4")).await,
+        "{}",
+        proxy.stderr()
+    );
+    assert_eq!(
+        log.matches("new export TLS material rejected").count(),
+        1,
+        "one line per change: {log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,21 +440,47 @@ async fn collector_that_starts_rejecting_the_old_certificate_does_not_stall_expo
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let c1 = Collector::start(addr, mtls_server_config(&server, &old_clients));
     let app = App::start().await;
-    let mut secret = SecretDir::new(tmp("reject-old"), &ca.cert_pem, &old_clients.client("proxy", KeyKind::EcdsaP256Pkcs8));
+    let mut secret = SecretDir::new(
+        tmp("reject-old"),
+        &ca.cert_pem,
+        &old_clients.client("proxy", KeyKind::EcdsaP256Pkcs8),
+    );
     let tls = vec![
-        ("OTEL_EXPORTER_OTLP_CERTIFICATE", secret.ca().display().to_string()),
-        ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", secret.cert().display().to_string()),
-        ("OTEL_EXPORTER_OTLP_CLIENT_KEY", secret.key().display().to_string()),
+        (
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            secret.ca().display().to_string(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            secret.cert().display().to_string(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            secret.key().display().to_string(),
+        ),
     ];
     let proxy = ProxyProcess::spawn(&env(&format!("https://{addr}"), &app, "grpc", &tls, &[]));
-    assert_eq!(get(&format!("http://{}/one", proxy.inbound), &[]).await.0, 200);
+    assert_eq!(
+        get(&format!("http://{}/one", proxy.inbound), &[]).await.0,
+        200
+    );
     assert!(wait_until(WAIT, || ok_path(c1.sink(), "/one")).await);
     // Collector restarts trusting only the new client CA; the proxy gets its new certificate.
     c1.stop();
     let c2 = Collector::start(addr, mtls_server_config(&server, &new_clients));
-    secret.swap(&ca.cert_pem, &new_clients.client("proxy", KeyKind::Ed25519Pkcs8));
-    assert_eq!(get(&format!("http://{}/two", proxy.inbound), &[]).await.0, 200);
-    assert!(wait_until(WAIT, || ok_path(c2.sink(), "/two")).await, "{}", proxy.stderr());
+    secret.swap(
+        &ca.cert_pem,
+        &new_clients.client("proxy", KeyKind::Ed25519Pkcs8),
+    );
+    assert_eq!(
+        get(&format!("http://{}/two", proxy.inbound), &[]).await.0,
+        200
+    );
+    assert!(
+        wait_until(WAIT, || ok_path(c2.sink(), "/two")).await,
+        "{}",
+        proxy.stderr()
+    );
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -329,15 +500,25 @@ async fn collector_outage_under_load_loses_only_counted_spans() {
     let app = App::start().await;
     let dir = tmp("outage");
     let ca_file = write(&dir, "ca.pem", &ca.cert_pem);
-    let (cert, key) = clients.client("proxy", KeyKind::EcdsaP256Pkcs8).write_to(&dir);
-    let tls = tls_files(&ca_file, &cert.display().to_string(), &key.display().to_string());
+    let (cert, key) = clients
+        .client("proxy", KeyKind::EcdsaP256Pkcs8)
+        .write_to(&dir);
+    let tls = tls_files(
+        &ca_file,
+        &cert.display().to_string(),
+        &key.display().to_string(),
+    );
     let collector = Collector::start(addr, server_cfg.clone());
     let proxy = ProxyProcess::spawn(&env(
         &format!("https://{addr}"),
         &app,
         "grpc",
         &tls,
-        &[("OTEL_BSP_MAX_QUEUE_SIZE", "200"), ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "50"), ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000")],
+        &[
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "200"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "50"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2000"),
+        ],
     ));
 
     // Steady load: 4 workers, each ~100 requests/s, tagged by phase.
@@ -348,7 +529,13 @@ async fn collector_outage_under_load_loses_only_counted_spans() {
     let failed = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::new();
     for w in 0..4 {
-        let (phase, stop, latencies, sent, failed) = (phase.clone(), stop.clone(), latencies.clone(), sent.clone(), failed.clone());
+        let (phase, stop, latencies, sent, failed) = (
+            phase.clone(),
+            stop.clone(),
+            latencies.clone(),
+            sent.clone(),
+            failed.clone(),
+        );
         let url = format!("http://{}/load/{w}", proxy.inbound);
         workers.push(tokio::spawn(async move {
             let client = tracecar_tests::app::client();
@@ -357,7 +544,9 @@ async fn collector_outage_under_load_loses_only_counted_spans() {
                 tick.tick().await;
                 let p = phase.load(Ordering::Relaxed) as usize;
                 let start = Instant::now();
-                let req = http::Request::get(&url).body(Full::new(Bytes::new())).unwrap();
+                let req = http::Request::get(&url)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
                 let ok = match client.request(req).await {
                     Ok(resp) => resp.status() == 200 && resp.into_body().collect().await.is_ok(),
                     Err(_) => false,
@@ -376,8 +565,19 @@ async fn collector_outage_under_load_loses_only_counted_spans() {
     let mut received = collector.stop();
     phase.store(1, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(proxy.metric("tracecar_export_healthy"), Some(0.0), "{}", proxy.metrics());
-    assert_eq!(tracecar_tests::http_get_blocking(proxy.admin, "/ready").unwrap().0, 200, "ready during the outage");
+    assert_eq!(
+        proxy.metric("tracecar_export_healthy"),
+        Some(0.0),
+        "{}",
+        proxy.metrics()
+    );
+    assert_eq!(
+        tracecar_tests::http_get_blocking(proxy.admin, "/ready")
+            .unwrap()
+            .0,
+        200,
+        "ready during the outage"
+    );
     // The collector is back on the same port.
     let collector = Collector::start(addr, server_cfg.clone());
     phase.store(2, Ordering::Relaxed);
@@ -387,13 +587,27 @@ async fn collector_outage_under_load_loses_only_counted_spans() {
         w.await.unwrap();
     }
     let sent = sent.load(Ordering::Relaxed);
-    assert_eq!(failed.load(Ordering::Relaxed), 0, "app requests failed during the outage");
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "app requests failed during the outage"
+    );
 
     // Everything still queued drains; then sent - received == dropped.
     let metric_sum = |proxy: &ProxyProcess, prefix: &str| -> f64 {
-        proxy.metrics().lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+        proxy
+            .metrics()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
     };
-    let unique = |spans: &[tracecar_tests::sink::RecvSpan]| spans.iter().map(|s| s.span_id.clone()).collect::<HashSet<_>>();
+    let unique = |spans: &[tracecar_tests::sink::RecvSpan]| {
+        spans
+            .iter()
+            .map(|s| s.span_id.clone())
+            .collect::<HashSet<_>>()
+    };
     let settled = wait_until(Duration::from_secs(15), || {
         let mut all = received.clone();
         all.extend(collector.sink().spans());
@@ -405,8 +619,13 @@ async fn collector_outage_under_load_loses_only_counted_spans() {
     received.extend(collector.sink().spans());
     let got = unique(&received).len() as u64;
     let dropped = metric_sum(&proxy, "tracecar_spans_dropped_total");
-    let queue_full = proxy.metric(r#"tracecar_spans_dropped_total{reason="queue_full"}"#).unwrap_or(0.0);
-    let after: usize = received.iter().filter(|s| s.attr_str("url.path").is_some()).count();
+    let queue_full = proxy
+        .metric(r#"tracecar_spans_dropped_total{reason="queue_full"}"#)
+        .unwrap_or(0.0);
+    let after: usize = received
+        .iter()
+        .filter(|s| s.attr_str("url.path").is_some())
+        .count();
     let lat = latencies.lock().unwrap().clone();
     let summary: Vec<String> = ["before", "outage", "after"]
         .iter()
@@ -414,16 +633,31 @@ async fn collector_outage_under_load_loses_only_counted_spans() {
         .map(|(name, v)| {
             let mut v = v.clone();
             v.sort();
-            format!("{name}: n={} p50={:?} p99={:?}", v.len(), percentile(&v, 0.5), percentile(&v, 0.99))
+            format!(
+                "{name}: n={} p50={:?} p99={:?}",
+                v.len(),
+                percentile(&v, 0.5),
+                percentile(&v, 0.99)
+            )
         })
         .collect();
     eprintln!(
         "outage: sent={sent} received={got} dropped={dropped} (queue_full={queue_full}) spans={after}; {}",
         summary.join("; ")
     );
-    assert!(settled, "sent {sent} != received {got} + dropped {dropped}: {}", proxy.metrics());
-    assert!(queue_full > 0.0, "a 200-span queue must overflow during a 4 s outage at ~400 spans/s");
-    assert!(proxy.metric("tracecar_export_healthy") == Some(1.0), "healthy again after recovery");
+    assert!(
+        settled,
+        "sent {sent} != received {got} + dropped {dropped}: {}",
+        proxy.metrics()
+    );
+    assert!(
+        queue_full > 0.0,
+        "a 200-span queue must overflow during a 4 s outage at ~400 spans/s"
+    );
+    assert!(
+        proxy.metric("tracecar_export_healthy") == Some(1.0),
+        "healthy again after recovery"
+    );
     // Spans from after recovery arrive (checked via counts above: nothing from phase 2 is dropped
     // unless counted). Latency: loose bound only, numbers are in the output.
     let mut before = lat[0].clone();
@@ -448,14 +682,38 @@ fn certificate_problems_at_start_up_stop_it_with_one_line() {
     let (cert_a, _) = a.write_to(&dir.join("a"));
     let (_, key_b) = b.write_to(&dir.join("b"));
     let missing = dir.join("nope.pem").display().to_string();
-    let garbage = write(&dir, "garbage.pem", "-----BEGIN CERTIFICATE-----\nnot base64\n");
+    let garbage = write(
+        &dir,
+        "garbage.pem",
+        "-----BEGIN CERTIFICATE-----\nnot base64\n",
+    );
     let cert_a = cert_a.display().to_string();
     let key_b = key_b.display().to_string();
     for (cert, key, var, expect) in [
-        (missing.as_str(), key_b.as_str(), "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "readable"),
-        (cert_a.as_str(), missing.as_str(), "OTEL_EXPORTER_OTLP_CLIENT_KEY", "readable"),
-        (cert_a.as_str(), key_b.as_str(), "OTEL_EXPORTER_OTLP_CLIENT_KEY", "private key of the certificate"),
-        (garbage.as_str(), key_b.as_str(), "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "PEM certificate"),
+        (
+            missing.as_str(),
+            key_b.as_str(),
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            "readable",
+        ),
+        (
+            cert_a.as_str(),
+            missing.as_str(),
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            "readable",
+        ),
+        (
+            cert_a.as_str(),
+            key_b.as_str(),
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            "private key of the certificate",
+        ),
+        (
+            garbage.as_str(),
+            key_b.as_str(),
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            "PEM certificate",
+        ),
     ] {
         let out = std::process::Command::new(tracecar_tests::proxy_bin())
             .arg("run")
@@ -478,7 +736,11 @@ fn certificate_problems_at_start_up_stop_it_with_one_line() {
 async fn export_not_required_serves_traffic_and_reports_failure_until_the_material_appears() {
     let ca = Ca::new("collector-ca");
     let clients = Ca::new("client-ca");
-    let sink = Sink::start_on("127.0.0.1:0".parse().unwrap(), Some(mtls_server_config(&ca.server(&[]), &clients))).await;
+    let sink = Sink::start_on(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(mtls_server_config(&ca.server(&[]), &clients)),
+    )
+    .await;
     let app = App::start().await;
     let dir = tmp("not-required");
     let ca_file = write(&dir, "ca.pem", &ca.cert_pem);
@@ -491,23 +753,53 @@ async fn export_not_required_serves_traffic_and_reports_failure_until_the_materi
         &tls_files(&ca_file, &cert, &key),
         &[("TRACECAR_EXPORT_REQUIRED", "false")],
     ));
-    assert_eq!(proxy.metric("tracecar_export_healthy"), Some(0.0), "{}", proxy.metrics());
-    for i in 0..10 {
-        assert_eq!(get(&format!("http://{}/nr/{i}", proxy.inbound), &[]).await.0, 200);
-    }
-    assert!(
-        wait_until(WAIT, || proxy.metric(r#"tracecar_spans_dropped_total{reason="tls_material"}"#) == Some(10.0)).await,
+    assert_eq!(
+        proxy.metric("tracecar_export_healthy"),
+        Some(0.0),
         "{}",
         proxy.metrics()
     );
-    assert!(proxy.stderr().contains("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"), "{}", proxy.stderr());
+    for i in 0..10 {
+        assert_eq!(
+            get(&format!("http://{}/nr/{i}", proxy.inbound), &[])
+                .await
+                .0,
+            200
+        );
+    }
+    assert!(
+        wait_until(WAIT, || proxy
+            .metric(r#"tracecar_spans_dropped_total{reason="tls_material"}"#)
+            == Some(10.0))
+        .await,
+        "{}",
+        proxy.metrics()
+    );
+    assert!(
+        proxy
+            .stderr()
+            .contains("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"),
+        "{}",
+        proxy.stderr()
+    );
     // The Secret shows up later: export starts without a restart.
     let pair = clients.client("proxy", KeyKind::EcdsaP256Sec1);
     std::fs::write(&key, &pair.key_pem).unwrap();
     std::fs::write(&cert, &pair.cert_pem).unwrap();
-    assert_eq!(get(&format!("http://{}/late", proxy.inbound), &[]).await.0, 200);
-    assert!(wait_until(WAIT, || ok_path(&sink, "/late")).await, "{}", proxy.stderr());
-    assert!(wait_until(WAIT, || proxy.metric("tracecar_export_healthy") == Some(1.0)).await);
+    assert_eq!(
+        get(&format!("http://{}/late", proxy.inbound), &[]).await.0,
+        200
+    );
+    assert!(
+        wait_until(WAIT, || ok_path(&sink, "/late")).await,
+        "{}",
+        proxy.stderr()
+    );
+    assert!(
+        wait_until(WAIT, || proxy.metric("tracecar_export_healthy")
+            == Some(1.0))
+        .await
+    );
 }
 
 // ---- retry hints: a collector that answers "come back in 2 s" ----
@@ -564,20 +856,41 @@ impl Throttling {
 }
 
 #[tonic::async_trait]
-impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Throttling {
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Throttling
+{
     async fn export(
         &self,
-        _request: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>, tonic::Status> {
+        _request: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
         use prost::Message;
         if self.attempt() == 1 {
-            let info = RetryInfo { retry_delay: Some(ProtoDuration { seconds: 2, nanos: 0 }) };
+            let info = RetryInfo {
+                retry_delay: Some(ProtoDuration {
+                    seconds: 2,
+                    nanos: 0,
+                }),
+            };
             let status = RpcStatus {
                 code: tonic::Code::Unavailable as i32,
                 message: "busy".into(),
-                details: vec![ProtoAny { type_url: "type.googleapis.com/google.rpc.RetryInfo".into(), value: info.encode_to_vec() }],
+                details: vec![ProtoAny {
+                    type_url: "type.googleapis.com/google.rpc.RetryInfo".into(),
+                    value: info.encode_to_vec(),
+                }],
             };
-            return Err(tonic::Status::with_details(tonic::Code::Unavailable, "busy", Bytes::from(status.encode_to_vec())));
+            return Err(tonic::Status::with_details(
+                tonic::Code::Unavailable,
+                "busy",
+                Bytes::from(status.encode_to_vec()),
+            ));
         }
         Ok(tonic::Response::new(Default::default()))
     }
@@ -605,37 +918,232 @@ async fn grpc_retry_info_and_http_retry_after_are_honoured() {
         while let Ok((stream, _)) = listener.accept().await {
             let h = h.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let h = h.clone();
-                    async move {
-                        let _ = req.into_body().collect().await;
-                        let mut resp = http::Response::new(Full::new(Bytes::new()));
-                        if h.attempt() == 1 {
-                            *resp.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
-                            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("2"));
-                        } else {
-                            resp.headers_mut()
-                                .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-protobuf"));
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let h = h.clone();
+                        async move {
+                            let _ = req.into_body().collect().await;
+                            let mut resp = http::Response::new(Full::new(Bytes::new()));
+                            if h.attempt() == 1 {
+                                *resp.status_mut() = http::StatusCode::TOO_MANY_REQUESTS;
+                                resp.headers_mut().insert(
+                                    http::header::RETRY_AFTER,
+                                    http::HeaderValue::from_static("2"),
+                                );
+                            } else {
+                                resp.headers_mut().insert(
+                                    http::header::CONTENT_TYPE,
+                                    http::HeaderValue::from_static("application/x-protobuf"),
+                                );
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
                         }
-                        Ok::<_, std::convert::Infallible>(resp)
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
             });
         }
     });
     let p1 = ProxyProcess::spawn(&env(&format!("http://{grpc_addr}"), &app, "grpc", &[], &[]));
-    let p2 = ProxyProcess::spawn(&env(&format!("http://{http_addr}"), &app, "http/protobuf", &[], &[]));
+    let p2 = ProxyProcess::spawn(&env(
+        &format!("http://{http_addr}"),
+        &app,
+        "http/protobuf",
+        &[],
+        &[],
+    ));
     assert_eq!(get(&format!("http://{}/g", p1.inbound), &[]).await.0, 200);
     assert_eq!(get(&format!("http://{}/h", p2.inbound), &[]).await.0, 200);
-    assert!(wait_until(WAIT, || grpc.gap().is_some() && http.gap().is_some()).await, "{} {}", p1.stderr(), p2.stderr());
+    assert!(
+        wait_until(WAIT, || grpc.gap().is_some() && http.gap().is_some()).await,
+        "{} {}",
+        p1.stderr(),
+        p2.stderr()
+    );
     let (g, h) = (grpc.gap().unwrap(), http.gap().unwrap());
     eprintln!("retry after hint: grpc {g:?}, http {h:?}");
     // Our own first back-off is 100 ms; only the hint explains a 2 s wait.
-    assert!(g >= Duration::from_millis(1900) && g < Duration::from_secs(4), "grpc retried after {g:?}");
-    assert!(h >= Duration::from_millis(1900) && h < Duration::from_secs(4), "http retried after {h:?}");
-    assert!(wait_until(WAIT, || p1.metric("tracecar_spans_exported_total") == Some(1.0)).await);
-    assert!(wait_until(WAIT, || p2.metric("tracecar_spans_exported_total") == Some(1.0)).await);
+    assert!(
+        g >= Duration::from_millis(1900) && g < Duration::from_secs(4),
+        "grpc retried after {g:?}"
+    );
+    assert!(
+        h >= Duration::from_millis(1900) && h < Duration::from_secs(4),
+        "http retried after {h:?}"
+    );
+    assert!(
+        wait_until(WAIT, || p1.metric("tracecar_spans_exported_total")
+            == Some(1.0))
+        .await
+    );
+    assert!(
+        wait_until(WAIT, || p2.metric("tracecar_spans_exported_total")
+            == Some(1.0))
+        .await
+    );
+}
+
+// ---- rotation between two trusted pairs: which certificate do new connections present? ----
+
+/// Wraps the WebPKI client verifier and records every client certificate it accepted.
+#[derive(Debug)]
+struct Recording {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    seen: Arc<Mutex<Vec<Vec<u8>>>>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for Recording {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let ok = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        self.seen.lock().unwrap().push(end_entity.to_vec());
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+fn der(pem: &str) -> Vec<u8> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .expect("a cert")
+        .expect("PEM")
+        .to_vec()
+}
+
+async fn rotation_between_trusted_pairs(protocol: &str) {
+    let ca = Ca::new("collector-ca");
+    let clients = Ca::new("client-ca");
+    let server = ca.server(&[]);
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der(&clients.cert_pem).into()).unwrap();
+    let inner = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let seen: Arc<Mutex<Vec<Vec<u8>>>> = Default::default();
+    let verifier = Arc::new(Recording {
+        inner,
+        seen: seen.clone(),
+    });
+    let key = rustls_pemfile::private_key(&mut server.key_pem.as_bytes())
+        .unwrap()
+        .unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![der(&server.cert_pem).into()], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let sink = Sink::start_on("127.0.0.1:0".parse().unwrap(), Some(Arc::new(cfg))).await;
+    let app = App::start().await;
+    let first = clients.client("proxy-a", KeyKind::EcdsaP256Pkcs8);
+    let second = clients.client("proxy-b", KeyKind::Ed25519Pkcs8);
+    let mut secret = SecretDir::new(
+        tmp(&format!("trusted-{}", protocol.replace('/', "-"))),
+        &ca.cert_pem,
+        &first,
+    );
+    let tls = vec![
+        (
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            secret.ca().display().to_string(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            secret.cert().display().to_string(),
+        ),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            secret.key().display().to_string(),
+        ),
+    ];
+    let proxy = ProxyProcess::spawn(&env(
+        &format!("https://127.0.0.1:{}", sink.addr.port()),
+        &app,
+        protocol,
+        &tls,
+        &[],
+    ));
+    assert_eq!(
+        get(&format!("http://{}/a", proxy.inbound), &[]).await.0,
+        200
+    );
+    assert!(
+        wait_until(WAIT, || ok_path(&sink, "/a")).await,
+        "{}",
+        proxy.stderr()
+    );
+    assert_eq!(seen.lock().unwrap().last(), Some(&der(&first.cert_pem)));
+
+    // Both pairs are trusted, so nothing fails: only the rotation can move export to new
+    // connections presenting the new certificate.
+    secret.swap(&ca.cert_pem, &second);
+    let swapped = Instant::now();
+    let mut i = 0;
+    let mut moved = false;
+    while swapped.elapsed() < WAIT && !moved {
+        i += 1;
+        assert_eq!(
+            get(&format!("http://{}/b/{i}", proxy.inbound), &[]).await.0,
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        moved = seen.lock().unwrap().last() == Some(&der(&second.cert_pem));
+    }
+    assert!(
+        moved,
+        "export still presents the old certificate 10 s after the swap: {}",
+        proxy.stderr()
+    );
+    let took = swapped.elapsed();
+    eprintln!("{protocol}: new certificate in use {took:?} after the swap");
+    assert!(wait_until(WAIT, || ok_path(&sink, &format!("/b/{i}"))).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_between_trusted_pairs_moves_new_connections_to_the_new_certificate_grpc() {
+    rotation_between_trusted_pairs("grpc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_between_trusted_pairs_moves_new_connections_to_the_new_certificate_http() {
+    rotation_between_trusted_pairs("http/protobuf").await;
 }

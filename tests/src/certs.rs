@@ -8,8 +8,8 @@ use std::process::Command;
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 /// The kind and encoding of a client key.
@@ -67,12 +67,21 @@ fn openssl(args: &[&str], input: Option<&str>) -> String {
         .spawn()
         .expect("the openssl command is needed to make RSA and SEC1 test keys");
     if let Some(input) = input {
-        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write to openssl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write to openssl");
     } else {
         drop(child.stdin.take());
     }
     let out = child.wait_with_output().expect("openssl");
-    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("openssl output is PEM")
 }
 
@@ -80,20 +89,37 @@ fn openssl(args: &[&str], input: Option<&str>) -> String {
 fn key(kind: KeyKind) -> (KeyPair, String) {
     match kind {
         KeyKind::EcdsaP256Pkcs8 | KeyKind::Ed25519Pkcs8 => {
-            let alg = if kind == KeyKind::Ed25519Pkcs8 { &rcgen::PKCS_ED25519 } else { &rcgen::PKCS_ECDSA_P256_SHA256 };
+            let alg = if kind == KeyKind::Ed25519Pkcs8 {
+                &rcgen::PKCS_ED25519
+            } else {
+                &rcgen::PKCS_ECDSA_P256_SHA256
+            };
             let k = KeyPair::generate_for(alg).expect("key");
             let pem = k.serialize_pem();
             (k, pem)
         }
         KeyKind::EcdsaP256Sec1 | KeyKind::EcdsaP384Sec1 => {
-            let alg = if kind == KeyKind::EcdsaP256Sec1 { &rcgen::PKCS_ECDSA_P256_SHA256 } else { &rcgen::PKCS_ECDSA_P384_SHA384 };
+            let alg = if kind == KeyKind::EcdsaP256Sec1 {
+                &rcgen::PKCS_ECDSA_P256_SHA256
+            } else {
+                &rcgen::PKCS_ECDSA_P384_SHA384
+            };
             let k = KeyPair::generate_for(alg).expect("key");
             let sec1 = openssl(&["ec", "-outform", "PEM"], Some(&k.serialize_pem()));
             assert!(sec1.contains("BEGIN EC PRIVATE KEY"), "{sec1}");
             (k, sec1)
         }
         KeyKind::RsaPkcs8 => {
-            let pem = openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"], None);
+            let pem = openssl(
+                &[
+                    "genpkey",
+                    "-algorithm",
+                    "RSA",
+                    "-pkeyopt",
+                    "rsa_keygen_bits:2048",
+                ],
+                None,
+            );
             assert!(pem.contains("BEGIN PRIVATE KEY"), "{pem}");
             let k = KeyPair::from_pem(&pem).expect("rcgen loads the RSA key");
             (k, pem)
@@ -109,12 +135,25 @@ impl Ca {
         dn.push(DnType::CommonName, name);
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let cert = params.self_signed(&key).expect("ca cert");
-        Ca { cert_pem: cert.pem(), issuer: Issuer::new(params, key) }
+        Ca {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        }
     }
 
-    fn leaf(&self, cn: &str, sans: Vec<SanType>, usage: ExtendedKeyUsagePurpose, kind: KeyKind) -> Pair {
+    fn leaf(
+        &self,
+        cn: &str,
+        sans: Vec<SanType>,
+        usage: ExtendedKeyUsagePurpose,
+        kind: KeyKind,
+    ) -> Pair {
         let (key, key_pem) = key(kind);
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
         let mut dn = DistinguishedName::new();
@@ -123,7 +162,10 @@ impl Ca {
         params.subject_alt_names = sans;
         params.extended_key_usages = vec![usage];
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
-        Pair { cert_pem: cert.pem(), key_pem }
+        Pair {
+            cert_pem: cert.pem(),
+            key_pem,
+        }
     }
 
     /// A server certificate valid for `127.0.0.1`, `localhost` and `extra_dns`.
@@ -135,13 +177,23 @@ impl Ca {
         for d in extra_dns {
             sans.push(SanType::DnsName((*d).try_into().expect("dns")));
         }
-        self.leaf("collector", sans, ExtendedKeyUsagePurpose::ServerAuth, KeyKind::EcdsaP256Pkcs8)
+        self.leaf(
+            "collector",
+            sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            KeyKind::EcdsaP256Pkcs8,
+        )
     }
 
     /// A server certificate valid only for the DNS name `name` (no IP address).
     pub fn server_named(&self, name: &str) -> Pair {
         let sans = vec![SanType::DnsName(name.try_into().expect("dns"))];
-        self.leaf("collector", sans, ExtendedKeyUsagePurpose::ServerAuth, KeyKind::EcdsaP256Pkcs8)
+        self.leaf(
+            "collector",
+            sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+            KeyKind::EcdsaP256Pkcs8,
+        )
     }
 
     /// A client certificate with a key of `kind`.
@@ -152,7 +204,9 @@ impl Ca {
 }
 
 fn certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    rustls_pemfile::certs(&mut pem.as_bytes()).collect::<Result<_, _>>().expect("PEM certs")
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .expect("PEM certs")
 }
 
 /// A rustls server config presenting `server`, requiring a client certificate issued by
@@ -163,10 +217,15 @@ pub fn mtls_server_config(server: &Pair, client_ca: &Ca) -> Arc<rustls::ServerCo
     for c in certs(&client_ca.cert_pem) {
         roots.add(c).expect("client CA");
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .expect("client verifier");
-    let key = rustls_pemfile::private_key(&mut server.key_pem.as_bytes()).expect("server key PEM").expect("server key");
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .expect("client verifier");
+    let key = rustls_pemfile::private_key(&mut server.key_pem.as_bytes())
+        .expect("server key PEM")
+        .expect("server key");
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("versions")
@@ -193,7 +252,8 @@ impl SecretDir {
         let mut s = SecretDir { root, n: 0 };
         s.swap(ca_pem, pair);
         for name in ["ca.crt", "tls.crt", "tls.key"] {
-            std::os::unix::fs::symlink(format!("..data/{name}"), s.root.join(name)).expect("file symlink");
+            std::os::unix::fs::symlink(format!("..data/{name}"), s.root.join(name))
+                .expect("file symlink");
         }
         s
     }
