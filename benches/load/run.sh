@@ -22,12 +22,20 @@
 #   BENCH_PROXY_CPUS    taskset CPU list of the proxy under test (on 2 cores: 1)
 #   BENCH_LOAD_CPUS     taskset CPU list of load generator, app and receiver (on 2 cores: 0)
 #   BENCH_APP_THREADS   app runtime threads (1)
+#   BENCH_LOAD_THREADS  wrk and loadgen threads (1); on a big machine raise these three
 #   BENCH_TARGETS       subset/order of "direct tracecar nginx"
 #   BENCH_OUT           output directory (target/bench)
 #   BENCH_PORT_BASE     first loopback port used (18080; uses base..base+6)
 set -euo pipefail
 
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [ -z "${BENCH_BIN_DIR:-}" ] && [ -x "$here/bin/tracecar-proxy" ]; then
+    # run.sh inside a bundle made by bundle.sh: use the bundled binaries.
+    BENCH_BIN_DIR=$here/bin
+    repo=$here
+else
+    repo=$(cd "$here/../.." && pwd)
+fi
 cd "$repo"
 
 reps=${BENCH_REPS:-3}
@@ -39,8 +47,10 @@ rate_secs=${BENCH_RATE_SECONDS:-5}
 rate_conns=${BENCH_RATE_CONNS:-16}
 workers=${BENCH_PROXY_WORKERS:-1}
 app_threads=${BENCH_APP_THREADS:-1}
+load_threads=${BENCH_LOAD_THREADS:-1}
 targets=${BENCH_TARGETS:-direct tracecar nginx}
 out_dir=${BENCH_OUT:-$repo/target/bench}
+[ "$repo" != "$here" ] || out_dir=${BENCH_OUT:-$here/results}
 port=${BENCH_PORT_BASE:-18080}
 ncpu=$(nproc)
 if [ "$ncpu" -ge 2 ]; then
@@ -171,6 +181,7 @@ case " $targets " in
 *" tracecar "*)
     pin "$load_cpus" "$bin/otlp-sink" --listen "127.0.0.1:$sink_port" --out "$work/spans.count" --count-only \
         2>"$work/sink.log" &
+    sink_pid=$!
     pids+=($!)
     wait_port "$sink_port"
     env TRACECAR_INBOUND_LISTEN="127.0.0.1:$tc_in" \
@@ -184,7 +195,7 @@ case " $targets " in
         OTEL_TRACES_SAMPLER=always_on \
         TRACECAR_LOG=warn \
         TOKIO_WORKER_THREADS="$workers" \
-        taskset -c "${proxy_cpus:-0-$((ncpu - 1))}" "$bin/tracecar-proxy" run 2>"$work/tracecar.log" &
+        pin "$proxy_cpus" "$bin/tracecar-proxy" run 2>"$work/tracecar.log" &
     proxy_pid[tracecar]=$!
     pids+=($!)
     wait_port "$tc_admin"
@@ -235,7 +246,7 @@ http {
 }
 EOF
     cp "$work/nginx/nginx.conf" "$out_dir/nginx.conf"
-    taskset -c "${proxy_cpus:-0-$((ncpu - 1))}" "$nginx_bin" -p "$work/nginx" -e "$work/nginx/logs/error.log" \
+    pin "$proxy_cpus" "$nginx_bin" -p "$work/nginx" -e "$work/nginx/logs/error.log" \
         -c "$work/nginx/nginx.conf" 2>"$work/nginx.log" &
     proxy_pid[nginx]=$!
     pids+=($!)
@@ -269,15 +280,16 @@ run_target() { # run_target TARGET REP
     c0=0; [ -z "$pid" ] || c0=$(cpu_ticks "$pid")
     t0=$(date +%s.%N)
     if [ "$sat_tool" = wrk ]; then
-        pin "$load_cpus" "$wrk_bin" -t1 -c"$sat_conns" -d"${warmup}s" "$u" >/dev/null 2>&1 || true
+        n=$(pin "$load_cpus" "$wrk_bin" -t"$load_threads" -c"$sat_conns" -d"${warmup}s" -s "$work/wrk.lua" "$u" | jget requests)
+        [ "$t" != tracecar ] || sent_tracecar=$((sent_tracecar + ${n:-0}))
         [ -z "$pid" ] || c0=$(cpu_ticks "$pid")
         t0=$(date +%s.%N)
-        sat=$(pin "$load_cpus" "$wrk_bin" -t1 -c"$sat_conns" -d"${sat_secs}s" -s "$work/wrk.lua" "$u" | grep '^{')
+        sat=$(pin "$load_cpus" "$wrk_bin" -t"$load_threads" -c"$sat_conns" -d"${sat_secs}s" -s "$work/wrk.lua" "$u" | grep '^{')
         sat_n=$(jget requests <<<"$sat")
         sat_rps=$(awk -v n="$sat_n" -v d="$(jget duration_us <<<"$sat")" 'BEGIN { printf "%.0f", n / (d / 1e6) }')
         n=$sat_n
     else
-        sat=$(pin "$load_cpus" "$bin/loadgen" --url "$u" --rate 0 --connections "$sat_conns" \
+        sat=$(pin "$load_cpus" "$bin/loadgen" --threads "$load_threads" --url "$u" --rate 0 --connections "$sat_conns" \
             --duration "$sat_secs" --warmup "$warmup")
         sat_rps=$(jget rate <<<"$sat")
         n=$(jget all_requests <<<"$sat")
@@ -292,7 +304,7 @@ run_target() { # run_target TARGET REP
     [ "$t" != tracecar ] || sent_tracecar=$((sent_tracecar + n))
     # fixed rate
     c0=0; [ -z "$pid" ] || c0=$(cpu_ticks "$pid")
-    rate_json=$(pin "$load_cpus" "$bin/loadgen" --url "$u" --rate "$rate" --connections "$rate_conns" \
+    rate_json=$(pin "$load_cpus" "$bin/loadgen" --threads "$load_threads" --url "$u" --rate "$rate" --connections "$rate_conns" \
         --duration "$rate_secs" --warmup "$warmup")
     n=$(jget all_requests <<<"$rate_json")
     if [ -n "$pid" ]; then
@@ -317,7 +329,7 @@ declare -A rss
 for t in $targets; do
     [ -z "${proxy_pid[$t]:-}" ] || rss[$t]=$(hwm_kib "${proxy_pid[$t]}")
 done
-exported=- received=- drops=- started=-
+exported=- received=- drops=- started=- sink_cpu=-
 if [ -n "${proxy_pid[tracecar]:-}" ]; then
     # Wait for the export queue to drain: the receiver's count stops moving.
     last=-1
@@ -330,6 +342,7 @@ if [ -n "${proxy_pid[tracecar]:-}" ]; then
     exported=$(metric tracecar_spans_exported_total)
     started=$(metric tracecar_spans_started_total)
     drops=$(dropped)
+    sink_cpu=$(awk -v c="$(cpu_ticks "$sink_pid")" -v hz="$hz" 'BEGIN { printf "%.2f", c / hz }')
 fi
 
 # ---- report ---------------------------------------------------------------------------------
@@ -339,6 +352,7 @@ median() { # median COLUMN TARGET
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }'; }
 minus() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "-" || b == "-") print "-"; else printf "%.0f", a - b }'; }
+capacity() { awk -v c="$1" 'BEGIN { if (c == "-" || c == 0) print "-"; else printf "%.0f", 10000 / c }'; }
 mib() { awk -v k="${1:--}" 'BEGIN { if (k == "-") print "-"; else printf "%.1f", k / 1024 }'; }
 
 declare -A M
@@ -353,17 +367,17 @@ direct_p50=${M[direct.p50]:--}
 direct_p99=${M[direct.p99]:--}
 
 {
-    echo "| target | saturation req/s | vs nginx | proxy CPU at saturation | p50 µs @ ${rate}/s | p99 µs @ ${rate}/s | added p50 / p99 µs | proxy CPU s / 10k req @ ${rate}/s | at saturation | peak RSS MiB | errors |"
-    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    echo "| target | saturation req/s | vs nginx | proxy CPU at saturation | est. req/s per proxy core | p50 µs @ ${rate}/s | p99 µs @ ${rate}/s | added p50 / p99 µs | proxy CPU s / 10k req @ ${rate}/s | at saturation | peak RSS MiB | errors |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     for t in $targets; do
         util=${M[$t.util]}; [ "$util" = - ] || util="$util%"
         added="-"
         [ "$t" = direct ] || added="$(minus "${M[$t.p50]}" "$direct_p50") / $(minus "${M[$t.p99]}" "$direct_p99")"
-        echo "| $t | ${M[$t.sat]} | $(ratio "${M[$t.sat]}" "$nginx_sat") | $util | ${M[$t.p50]} | ${M[$t.p99]} | $added | ${M[$t.cpu]} | ${M[$t.satcpu]} | $(mib "${rss[$t]:-}") | ${M[$t.err]} |"
+        echo "| $t | ${M[$t.sat]} | $(ratio "${M[$t.sat]}" "$nginx_sat") | $util | $(capacity "${M[$t.satcpu]}") | ${M[$t.p50]} | ${M[$t.p99]} | $added | ${M[$t.cpu]} | ${M[$t.satcpu]} | $(mib "${rss[$t]:-}") | ${M[$t.err]} |"
     done
     echo
     if [ -n "${proxy_pid[tracecar]:-}" ]; then
-        echo "tracecar spans: requests sent $sent_tracecar, spans started $started, exported $exported, received by the sink $received, dropped $drops"
+        echo "tracecar spans: requests sent $sent_tracecar, spans started $started, exported $exported, received by the sink $received, dropped $drops; receiver CPU ${sink_cpu}s in all"
     fi
     echo "medians of $reps repetitions; saturation: $sat_tool, $sat_conns connections, ${sat_secs}s after ${warmup}s warm-up; fixed rate: loadgen $rate req/s, $rate_conns connections, ${rate_secs}s after ${warmup}s warm-up; latency from the intended send time"
 } | tee "$out_dir/results.md"
@@ -371,20 +385,20 @@ direct_p99=${M[direct.p99]:--}
 {
     printf '{"machine":{"cpus":%s,"model":"%s","kernel":"%s"},' "$ncpu" \
         "$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo | tr -d '"')" "$(uname -r)"
-    printf '"settings":{"reps":%s,"warmup_s":%s,"sat_seconds":%s,"sat_conns":%s,"sat_tool":"%s","rate":%s,"rate_seconds":%s,"rate_conns":%s,"proxy_workers":%s,"proxy_cpus":"%s","load_cpus":"%s","app_threads":%s},' \
-        "$reps" "$warmup" "$sat_secs" "$sat_conns" "$sat_tool" "$rate" "$rate_secs" "$rate_conns" "$workers" "$proxy_cpus" "$load_cpus" "$app_threads"
+    printf '"settings":{"reps":%s,"warmup_s":%s,"sat_seconds":%s,"sat_conns":%s,"sat_tool":"%s","rate":%s,"rate_seconds":%s,"rate_conns":%s,"proxy_workers":%s,"load_threads":%s,"proxy_cpus":"%s","load_cpus":"%s","app_threads":%s},' \
+        "$reps" "$warmup" "$sat_secs" "$sat_conns" "$sat_tool" "$rate" "$rate_secs" "$rate_conns" "$workers" "$load_threads" "$proxy_cpus" "$load_cpus" "$app_threads"
     printf '"targets":{'
     sep=""
     q() { if [ "$1" = - ] || [ -z "$1" ]; then echo null; else echo "$1"; fi; }
     for t in $targets; do
-        printf '%s"%s":{"saturation_rps":%s,"saturation_vs_nginx":%s,"proxy_cpu_util_pct_at_saturation":%s,"p50_us":%s,"p99_us":%s,"achieved_rate":%s,"proxy_cpu_s_per_10k_at_rate":%s,"proxy_cpu_s_per_10k_at_saturation":%s,"peak_rss_kib":%s,"errors":%s}' \
+        printf '%s"%s":{"saturation_rps":%s,"saturation_vs_nginx":%s,"proxy_cpu_util_pct_at_saturation":%s,"p50_us":%s,"p99_us":%s,"achieved_rate":%s,"proxy_cpu_s_per_10k_at_rate":%s,"proxy_cpu_s_per_10k_at_saturation":%s,"est_rps_per_proxy_core":%s,"peak_rss_kib":%s,"errors":%s}' \
             "$sep" "$t" "$(q "${M[$t.sat]}")" "$(q "$(ratio "${M[$t.sat]}" "$nginx_sat")")" "$(q "${M[$t.util]}")" \
             "$(q "${M[$t.p50]}")" "$(q "${M[$t.p99]}")" "$(q "${M[$t.rate]}")" "$(q "${M[$t.cpu]}")" \
-            "$(q "${M[$t.satcpu]}")" "$(q "${rss[$t]:-}")" "${M[$t.err]}"
+            "$(q "${M[$t.satcpu]}")" "$(q "$(capacity "${M[$t.satcpu]}")")" "$(q "${rss[$t]:-}")" "${M[$t.err]}"
         sep=","
     done
-    printf '},"tracecar_spans":{"requests_sent":%s,"started":%s,"exported":%s,"received":%s,"dropped":%s},' \
-        "$sent_tracecar" "$(q "$started")" "$(q "$exported")" "$(q "$received")" "$(q "$drops")"
+    printf '},"tracecar_spans":{"requests_sent":%s,"started":%s,"exported":%s,"received":%s,"dropped":%s,"receiver_cpu_s":%s},' \
+        "$sent_tracecar" "$(q "$started")" "$(q "$exported")" "$(q "$received")" "$(q "$drops")" "$(q "$sink_cpu")"
     printf '"runs":['
     sep=""
     while IFS=$'\t' read -r t rep s u sc p50 p99 r c e; do
