@@ -642,6 +642,11 @@ fn display_list(s: &str) -> String {
     }
 }
 
+/// The `'static` spelling of a known annotation key.
+pub fn known_key(key: &str) -> Option<&'static str> {
+    KNOWN.iter().copied().find(|k| *k == key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -709,9 +714,4 @@ mod tests {
         assert!(parse_image("bad image").is_err());
         assert!(parse_domain("Cluster.Local").is_err());
     }
-}
-
-/// The `'static` spelling of a known annotation key.
-pub fn known_key(key: &str) -> Option<&'static str> {
-    KNOWN.iter().copied().find(|k| *k == key)
 }

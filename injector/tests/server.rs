@@ -254,7 +254,7 @@ async fn certificate_reload_without_dropping_requests() {
         "a bad pair must not replace the served one"
     );
 
-    let failed = failed.lock().unwrap();
+    let failed = failed.lock().unwrap().clone();
     assert!(
         failed.is_empty(),
         "requests failed during reload: {failed:?}"
