@@ -27,13 +27,20 @@ pub fn target_dir() -> PathBuf {
 /// The proxy binary `cargo build --workspace` produced.
 pub fn proxy_bin() -> PathBuf {
     let bin = target_dir().join("tracecar-proxy");
-    assert!(bin.exists(), "{} is missing: run `cargo build --workspace` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        bin.display()
+    );
     bin
 }
 
 /// A free loopback port (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A running `tracecar-proxy run`.
@@ -66,7 +73,11 @@ impl ProxyProcess {
         let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let outbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let dir = std::env::temp_dir().join(format!("tracecar-test-{}-{}", std::process::id(), inbound.port()));
+        let dir = std::env::temp_dir().join(format!(
+            "tracecar-test-{}-{}",
+            std::process::id(),
+            inbound.port()
+        ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let stderr_path = dir.join("stderr.log");
         let stdout_path = dir.join("stdout.log");
@@ -82,7 +93,14 @@ impl ProxyProcess {
             .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
             .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
         let child = cmd.spawn().expect("spawn tracecar-proxy");
-        let mut p = ProxyProcess { child, inbound, outbound, admin, stderr_path, stdout_path };
+        let mut p = ProxyProcess {
+            child,
+            inbound,
+            outbound,
+            admin,
+            stderr_path,
+            stdout_path,
+        };
         p.wait_ready(Duration::from_secs(10));
         p
     }
@@ -93,7 +111,10 @@ impl ProxyProcess {
             if let Ok(Some(status)) = self.child.try_wait() {
                 panic!("proxy exited early ({status}): {}", self.stderr());
             }
-            if http_get_blocking(self.admin, "/ready").map(|(s, _)| s == 200).unwrap_or(false) {
+            if http_get_blocking(self.admin, "/ready")
+                .map(|(s, _)| s == 200)
+                .unwrap_or(false)
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(30));
@@ -115,7 +136,9 @@ impl ProxyProcess {
 
     /// `/metrics` text.
     pub fn metrics(&self) -> String {
-        http_get_blocking(self.admin, "/metrics").map(|(_, b)| b).unwrap_or_default()
+        http_get_blocking(self.admin, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
     }
 
     /// The value of one metric line (exact name with labels), if present.
@@ -184,7 +207,10 @@ pub fn http_get_blocking(addr: SocketAddr, path: &str) -> std::io::Result<(u16, 
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
     let status = buf.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
