@@ -69,7 +69,14 @@ tc_admin=$((port + 4))
 nginx_port=$((port + 5))
 
 log() { printf '[bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+die() {
+    log "error: $*"
+    local f
+    for f in "${work:-/nonexistent}"/*.log "${work:-/nonexistent}"/nginx/logs/error.log; do
+        [ -s "$f" ] && { log "--- $f"; tail -n 5 "$f" >&2; }
+    done
+    exit 1
+}
 
 # ---- binaries -------------------------------------------------------------------------------
 if [ -n "${BENCH_BIN_DIR:-}" ]; then
@@ -97,15 +104,13 @@ esac
 sat_tool=${BENCH_SAT_TOOL:-$([ -n "$wrk_bin" ] && [ -x "$wrk_bin" ] && echo wrk || echo loadgen)}
 [ "$sat_tool" != wrk ] || [ -x "$wrk_bin" ] || die "BENCH_SAT_TOOL=wrk but wrk not found"
 
-pin() { # pin CPULIST CMD...: run CMD on those CPUs (unpinned when the list is empty)
-    local cpus=$1
-    shift
-    if [ -n "$cpus" ] && command -v taskset >/dev/null; then
-        taskset -c "$cpus" "$@"
-    else
-        "$@"
-    fi
-}
+# Command prefixes that pin to the chosen CPUs (empty: unpinned). Prefixes, not a shell
+# function, so that `$!` is the pid of the program itself.
+pin_load=() pin_proxy=()
+if command -v taskset >/dev/null; then
+    [ -z "$load_cpus" ] || pin_load=(taskset -c "$load_cpus")
+    [ -z "$proxy_cpus" ] || pin_proxy=(taskset -c "$proxy_cpus")
+fi
 
 # ---- processes ------------------------------------------------------------------------------
 work=$(mktemp -d /tmp/tracecar-bench.XXXXXX)
@@ -170,7 +175,7 @@ rm -f "$out_dir"/*-sat-*.json "$out_dir"/*-rate-*.json
 
 log "work dir $work; proxy CPUs '${proxy_cpus:-any}', load CPUs '${load_cpus:-any}', saturation tool $sat_tool"
 
-pin "$load_cpus" "$bin/bench-app" --listen "127.0.0.1:$app_port" --threads "$app_threads" 2>"$work/app.log" &
+"${pin_load[@]}" "$bin/bench-app" --listen "127.0.0.1:$app_port" --threads "$app_threads" 2>"$work/app.log" &
 pids+=($!)
 wait_port "$app_port"
 
@@ -179,12 +184,12 @@ url[direct]="http://127.0.0.1:$app_port/"
 
 case " $targets " in
 *" tracecar "*)
-    pin "$load_cpus" "$bin/otlp-sink" --listen "127.0.0.1:$sink_port" --out "$work/spans.count" --count-only \
+    "${pin_load[@]}" "$bin/otlp-sink" --listen "127.0.0.1:$sink_port" --out "$work/spans.count" --count-only \
         2>"$work/sink.log" &
     sink_pid=$!
     pids+=($!)
     wait_port "$sink_port"
-    env TRACECAR_INBOUND_LISTEN="127.0.0.1:$tc_in" \
+    "${pin_proxy[@]}" env TRACECAR_INBOUND_LISTEN="127.0.0.1:$tc_in" \
         TRACECAR_OUTBOUND_LISTEN="127.0.0.1:$tc_out" \
         TRACECAR_ADMIN_LISTEN="127.0.0.1:$tc_admin" \
         TRACECAR_INBOUND_TARGET="127.0.0.1:$app_port" \
@@ -195,7 +200,7 @@ case " $targets " in
         OTEL_TRACES_SAMPLER=always_on \
         TRACECAR_LOG=warn \
         TOKIO_WORKER_THREADS="$workers" \
-        pin "$proxy_cpus" "$bin/tracecar-proxy" run 2>"$work/tracecar.log" &
+        "$bin/tracecar-proxy" run 2>"$work/tracecar.log" &
     proxy_pid[tracecar]=$!
     pids+=($!)
     wait_port "$tc_admin"
@@ -246,7 +251,7 @@ http {
 }
 EOF
     cp "$work/nginx/nginx.conf" "$out_dir/nginx.conf"
-    pin "$proxy_cpus" "$nginx_bin" -p "$work/nginx" -e "$work/nginx/logs/error.log" \
+    "${pin_proxy[@]}" "$nginx_bin" -p "$work/nginx" -e "$work/nginx/logs/error.log" \
         -c "$work/nginx/nginx.conf" 2>"$work/nginx.log" &
     proxy_pid[nginx]=$!
     pids+=($!)
@@ -280,16 +285,16 @@ run_target() { # run_target TARGET REP
     c0=0; [ -z "$pid" ] || c0=$(cpu_ticks "$pid")
     t0=$(date +%s.%N)
     if [ "$sat_tool" = wrk ]; then
-        n=$(pin "$load_cpus" "$wrk_bin" -t"$load_threads" -c"$sat_conns" -d"${warmup}s" -s "$work/wrk.lua" "$u" | jget requests)
+        n=$("${pin_load[@]}" "$wrk_bin" -t"$load_threads" -c"$sat_conns" -d"${warmup}s" -s "$work/wrk.lua" "$u" | jget requests)
         [ "$t" != tracecar ] || sent_tracecar=$((sent_tracecar + ${n:-0}))
         [ -z "$pid" ] || c0=$(cpu_ticks "$pid")
         t0=$(date +%s.%N)
-        sat=$(pin "$load_cpus" "$wrk_bin" -t"$load_threads" -c"$sat_conns" -d"${sat_secs}s" -s "$work/wrk.lua" "$u" | grep '^{')
+        sat=$("${pin_load[@]}" "$wrk_bin" -t"$load_threads" -c"$sat_conns" -d"${sat_secs}s" -s "$work/wrk.lua" "$u" | grep '^{')
         sat_n=$(jget requests <<<"$sat")
         sat_rps=$(awk -v n="$sat_n" -v d="$(jget duration_us <<<"$sat")" 'BEGIN { printf "%.0f", n / (d / 1e6) }')
         n=$sat_n
     else
-        sat=$(pin "$load_cpus" "$bin/loadgen" --threads "$load_threads" --url "$u" --rate 0 --connections "$sat_conns" \
+        sat=$("${pin_load[@]}" "$bin/loadgen" --threads "$load_threads" --url "$u" --rate 0 --connections "$sat_conns" \
             --duration "$sat_secs" --warmup "$warmup")
         sat_rps=$(jget rate <<<"$sat")
         n=$(jget all_requests <<<"$sat")
@@ -304,7 +309,7 @@ run_target() { # run_target TARGET REP
     [ "$t" != tracecar ] || sent_tracecar=$((sent_tracecar + n))
     # fixed rate
     c0=0; [ -z "$pid" ] || c0=$(cpu_ticks "$pid")
-    rate_json=$(pin "$load_cpus" "$bin/loadgen" --threads "$load_threads" --url "$u" --rate "$rate" --connections "$rate_conns" \
+    rate_json=$("${pin_load[@]}" "$bin/loadgen" --threads "$load_threads" --url "$u" --rate "$rate" --connections "$rate_conns" \
         --duration "$rate_secs" --warmup "$warmup")
     n=$(jget all_requests <<<"$rate_json")
     if [ -n "$pid" ]; then
