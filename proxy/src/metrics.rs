@@ -218,7 +218,8 @@ impl Metrics {
         }
     }
 
-    /// Counts `n` spans lost for `reason` (`queue_full`, `export_failed`, `shutdown`).
+    /// Counts `n` spans lost for `reason` (`queue_full`, `export_failed`, `rejected`,
+    /// `tls_material`, `shutdown`).
     pub fn spans_dropped(&self, reason: &'static str, n: u64) {
         self.spans_dropped
             .get_or_create(&ReasonLabels { reason })
