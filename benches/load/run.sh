@@ -347,6 +347,7 @@ if [ -n "${proxy_pid[tracecar]:-}" ]; then
     exported=$(metric tracecar_spans_exported_total)
     started=$(metric tracecar_spans_started_total)
     drops=$(dropped)
+    http_get "$tc_admin" /metrics >"$out_dir/tracecar-metrics.txt" || true
     sink_cpu=$(awk -v c="$(cpu_ticks "$sink_pid")" -v hz="$hz" 'BEGIN { printf "%.2f", c / hz }')
 fi
 
@@ -382,7 +383,7 @@ direct_p99=${M[direct.p99]:--}
     done
     echo
     if [ -n "${proxy_pid[tracecar]:-}" ]; then
-        echo "tracecar spans: requests sent $sent_tracecar, spans started $started, exported $exported, received by the sink $received, dropped $drops; receiver CPU ${sink_cpu}s in all"
+        echo "tracecar spans: requests sent $sent_tracecar, spans started $started, exported $exported, received by the sink $received, dropped $drops (by reason: $out_dir/tracecar-metrics.txt); receiver CPU ${sink_cpu}s in all"
     fi
     echo "medians of $reps repetitions; saturation: $sat_tool, $sat_conns connections, ${sat_secs}s after ${warmup}s warm-up; fixed rate: loadgen $rate req/s, $rate_conns connections, ${rate_secs}s after ${warmup}s warm-up; latency from the intended send time"
 } | tee "$out_dir/results.md"
