@@ -22,6 +22,8 @@ LABEL org.opencontainers.image.title="tracecar-injector" \
       org.opencontainers.image.source="https://github.com/tracecar-dev/tracecar" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /out/tracecar-injector /usr/local/bin/tracecar-injector
+# The injected pod spec names the binary without a path (`command: [tracecar-proxy, ...]`).
+ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 USER 65532:65532
 # webhook (HTTPS), admin (/live, /ready, /metrics)
 EXPOSE 8443 9090

@@ -25,6 +25,8 @@ LABEL org.opencontainers.image.title="tracecar-proxy" \
 COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY --from=build /out/tracecar-proxy /usr/local/bin/tracecar-proxy
 # iptables rules exempt this uid's traffic from redirection: it must be exactly 2140.
+# The injected pod spec names the binary without a path (`command: [tracecar-proxy, ...]`).
+ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 USER 2140:2140
 # outbound (loopback only), inbound, admin
 EXPOSE 15140 15143 15190
