@@ -388,6 +388,27 @@ impl RunArgs {
                 }
             },
         };
+        if let Some(t) = &inbound_target {
+            let same_port = t.rsplit(':').next().and_then(|p| p.parse::<u16>().ok())
+                == Some(inbound_listen.port());
+            let host = t
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']'));
+            let local = host.is_some_and(|h| {
+                h.eq_ignore_ascii_case("localhost")
+                    || h.parse::<std::net::IpAddr>().is_ok_and(|ip| {
+                        ip.is_loopback() || ip.is_unspecified() || ip == inbound_listen.ip()
+                    })
+            });
+            if same_port && local {
+                return Err(err(
+                    "TRACECAR_INBOUND_TARGET",
+                    "inbound-target",
+                    t,
+                    "the app's address, not the inbound listener's own",
+                ));
+            }
+        }
         let correlation = match self.correlation.trim() {
             "off" => Correlation::Off,
             "inflight" => Correlation::Inflight,
@@ -735,6 +756,10 @@ mod tests {
 
     #[test]
     fn errors_name_variable_value_and_choices() {
+        // An inbound target that is the inbound listener itself would loop forever.
+        assert!(parse(&["--inbound-target", "127.0.0.1:15143"]).is_err());
+        assert!(parse(&["--inbound-target", "localhost:15143"]).is_err());
+        assert!(parse(&["--inbound-target", "127.0.0.1:8080"]).is_ok());
         let e = parse(&["--correlation", "sometimes"])
             .unwrap_err()
             .to_string();

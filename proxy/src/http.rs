@@ -26,6 +26,8 @@ pub struct Shared {
     pub telemetry: Arc<Telemetry>,
     pub upstream: Upstream,
     pub connect_timeout: Duration,
+    /// The listener's port, to refuse forward-proxy requests addressed to the proxy itself.
+    pub listen_port: u16,
 }
 
 /// One accepted connection's view: who sent it and where its requests go.
@@ -61,6 +63,14 @@ pub async fn serve(conn: Conn, stream: TcpStream, watcher: Watcher) {
     }
 }
 
+/// A name or address that means this host.
+fn is_local(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+}
+
 fn split_authority(a: &http::uri::Authority, default_port: u16) -> (String, u16) {
     let host = a.host().trim_matches(|c| c == '[' || c == ']');
     (host.to_string(), a.port_u16().unwrap_or(default_port))
@@ -87,7 +97,18 @@ impl Conn {
                         .and_then(|h| h.parse::<http::uri::Authority>().ok())
                 };
                 match from_uri.or_else(from_host) {
-                    Some(a) => Some(split_authority(&a, 80)),
+                    Some(a) => {
+                        let (host, port) = split_authority(&a, 80);
+                        if port == shared.listen_port && is_local(&host) {
+                            // Forwarding to ourselves would open connections until fds run out.
+                            shared.telemetry.metrics.outbound.malformed.inc();
+                            return local_response(
+                                StatusCode::LOOP_DETECTED,
+                                "tracecar: the request is addressed to the proxy itself\n",
+                            );
+                        }
+                        Some((host, port))
+                    }
                     None => {
                         shared.telemetry.metrics.outbound.malformed.inc();
                         return local_response(
@@ -115,10 +136,17 @@ impl Conn {
             Direction::Outbound => shared.telemetry.client_span(info, &mut parts.headers),
         };
         let req = Request::from_parts(parts, body);
-        let target = match (&self.target, &routed) {
-            (Some(t), _) => t.clone(),
-            (None, Some((h, p))) if h.contains(':') => format!("[{h}]:{p}"),
-            (None, Some((h, p))) => format!("{h}:{p}"),
+        let routed_target;
+        let target: &str = match (&self.target, &routed) {
+            (Some(t), _) => t,
+            (None, Some((h, p))) => {
+                routed_target = if h.contains(':') {
+                    format!("[{h}]:{p}")
+                } else {
+                    format!("{h}:{p}")
+                };
+                &routed_target
+            }
             (None, None) => {
                 let e =
                     ForwardError::NoTarget("not redirected and TRACECAR_INBOUND_TARGET is unset");
@@ -127,7 +155,7 @@ impl Conn {
                 return local_response(StatusCode::BAD_GATEWAY, format!("tracecar: {e}\n"));
             }
         };
-        match shared.upstream.forward(req, &target, span).await {
+        match shared.upstream.forward(req, target, span).await {
             Ok(resp) => resp,
             Err((e, mut span)) => {
                 tracing::debug!(error = %e, "upstream failed");

@@ -89,12 +89,18 @@ impl Proxy {
             detect_timeout: config.detect_timeout,
             drain_timeout: config.drain_timeout,
         };
+        let inbound_port = inbound.local_addr()?.port();
+        let outbound_port = outbound.local_addr()?.port();
         let shared = |direction| {
             Arc::new(Shared {
                 direction,
                 telemetry: telemetry.clone(),
                 upstream: upstream.clone(),
                 connect_timeout: CONNECT_TIMEOUT,
+                listen_port: match direction {
+                    Direction::Inbound => inbound_port,
+                    Direction::Outbound => outbound_port,
+                },
             })
         };
         let admin = Arc::new(AdminState {

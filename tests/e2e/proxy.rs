@@ -273,6 +273,11 @@ async fn malformed_requests_get_400_are_counted_and_harm_nothing() {
     // Forward proxy request naming no destination.
     let answer = raw_exchange(proxy.outbound, b"GET /x HTTP/1.1\r\n\r\n").unwrap();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer:?}");
+    // A forward-proxy request addressed to the proxy itself is refused, not looped.
+    let own = proxy.outbound.port();
+    let looped = format!("GET http://localhost:{own}/x HTTP/1.1\r\nHost: localhost:{own}\r\n\r\n");
+    let answer = raw_exchange(proxy.outbound, looped.as_bytes()).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 508"), "{answer:?}");
     assert!(
         proxy
             .metric(r#"tracecar_malformed_requests_total{direction="inbound"}"#)
@@ -281,7 +286,7 @@ async fn malformed_requests_get_400_are_counted_and_harm_nothing() {
     );
     assert_eq!(
         proxy.metric(r#"tracecar_malformed_requests_total{direction="outbound"}"#),
-        Some(1.0)
+        Some(2.0)
     );
     assert_eq!(
         get(&format!("http://{}/ok", proxy.inbound), &[]).await.0,
