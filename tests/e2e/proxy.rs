@@ -575,3 +575,53 @@ async fn admin_endpoints() {
     assert_eq!(exported, Some(3.0), "{m}");
     assert!(m.contains("tracecar_open_connections"), "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_headers_reach_the_collector_over_both_protocols() {
+    for protocol in ["grpc", "http/protobuf"] {
+        let sink = Sink::start().await;
+        let app = App::start().await;
+        let proxy = ProxyProcess::spawn(&env(
+            &sink,
+            &app,
+            &[
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+                (
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "api-key=s3cret,x-tenant=team%20a",
+                ),
+            ],
+        ));
+        assert_eq!(
+            get(&format!("http://{}/h", proxy.inbound), &[]).await.0,
+            200
+        );
+        sink.wait_for(1, WAIT).await;
+        let h = sink.last_headers().expect("an export request");
+        assert_eq!(h["api-key"], "s3cret", "{protocol}");
+        assert_eq!(h["x-tenant"], "team a", "{protocol}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_pooled() {
+    let sink = Sink::start().await;
+    let app = App::start().await;
+    let proxy = ProxyProcess::spawn(&env(&sink, &app, &[]));
+    for i in 0..20 {
+        // A new client connection each time: only the proxy's side can reuse anything.
+        let answer = raw_exchange(
+            proxy.inbound,
+            format!("GET /p/{i} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    }
+    assert_eq!(app.seen().len(), 20);
+    // One connection, give or take a race with the pool taking the connection back.
+    assert!(
+        app.connections() <= 2,
+        "20 requests took {} upstream connections",
+        app.connections()
+    );
+}

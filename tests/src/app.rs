@@ -32,6 +32,7 @@ pub struct Seen {
 pub struct App {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -47,8 +48,11 @@ impl App {
         let addr = listener.local_addr().expect("app addr");
         let seen: Arc<Mutex<Vec<Seen>>> = Default::default();
         let seen2 = seen.clone();
+        let connections: Arc<std::sync::atomic::AtomicUsize> = Default::default();
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let seen = seen2.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
@@ -61,7 +65,17 @@ impl App {
                 });
             }
         });
-        App { addr, seen, task }
+        App {
+            addr,
+            seen,
+            connections,
+            task,
+        }
+    }
+
+    /// TCP connections the app has accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn seen(&self) -> Vec<Seen> {

@@ -128,6 +128,8 @@ type BatchHook = Box<dyn FnMut(&[RecvSpan]) + Send>;
 struct State {
     spans: Mutex<Vec<RecvSpan>>,
     requests: Mutex<u64>,
+    /// Headers of the last export request (gRPC metadata or HTTP headers).
+    last_headers: Mutex<Option<http::HeaderMap>>,
     unavailable: std::sync::atomic::AtomicBool,
     /// Called with every batch, e.g. to write JSON lines.
     on_batch: Mutex<Option<BatchHook>>,
@@ -208,6 +210,9 @@ impl Sink {
                         move |req: http::Request<hyper::body::Incoming>| {
                             let mut grpc = grpc.clone();
                             let state = state.clone();
+                            if let Ok(mut h) = state.last_headers.lock() {
+                                *h = Some(req.headers().clone());
+                            }
                             async move {
                                 if req.uri().path() == "/v1/traces" {
                                     return Ok::<_, std::convert::Infallible>(
@@ -260,6 +265,11 @@ impl Sink {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_default()
+    }
+
+    /// Headers of the last export request received.
+    pub fn last_headers(&self) -> Option<http::HeaderMap> {
+        self.state.last_headers.lock().ok().and_then(|h| h.clone())
     }
 
     pub fn clear(&self) {
