@@ -132,6 +132,13 @@ pub struct RunArgs {
         default_value = "512"
     )]
     pub bsp_max_export_batch_size: String,
+    /// Batches exported at the same time (each over its own connection).
+    #[arg(
+        long = "bsp-max-concurrent-exports",
+        env = "OTEL_BSP_MAX_CONCURRENT_EXPORTS",
+        default_value = "2"
+    )]
+    pub bsp_max_concurrent_exports: String,
     /// Milliseconds one export may take.
     #[arg(
         long = "bsp-export-timeout",
@@ -221,6 +228,7 @@ pub struct BatchConfig {
     pub max_queue_size: usize,
     pub schedule_delay: Duration,
     pub max_export_batch_size: usize,
+    pub max_concurrent_exports: usize,
     pub export_timeout: Duration,
 }
 
@@ -230,6 +238,7 @@ impl Default for BatchConfig {
             max_queue_size: 2048,
             schedule_delay: Duration::from_millis(5000),
             max_export_batch_size: 512,
+            max_concurrent_exports: 2,
             export_timeout: Duration::from_millis(30000),
         }
     }
@@ -637,6 +646,11 @@ impl RunArgs {
                 "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
                 "bsp-max-export-batch-size",
                 &self.bsp_max_export_batch_size,
+            )?,
+            max_concurrent_exports: count(
+                "OTEL_BSP_MAX_CONCURRENT_EXPORTS",
+                "bsp-max-concurrent-exports",
+                &self.bsp_max_concurrent_exports,
             )?,
             export_timeout: millis(
                 "OTEL_BSP_EXPORT_TIMEOUT",

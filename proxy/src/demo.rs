@@ -116,6 +116,7 @@ fn proxy_config(service: &str, inbound_target: SocketAddr) -> anyhow::Result<Con
         bsp_max_queue_size: "2048".into(),
         bsp_schedule_delay: "200".into(),
         bsp_max_export_batch_size: "512".into(),
+        bsp_max_concurrent_exports: "2".into(),
         bsp_export_timeout: "10000".into(),
         ..RunArgs::default()
     };

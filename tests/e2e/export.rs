@@ -358,16 +358,20 @@ async fn rotation(protocol: &str) {
         proxy.stderr()
     );
     let took = swapped.elapsed();
-    // No span lost across the swap: the ones queued under the old material arrive too.
-    let before: HashSet<String> = sink
-        .spans()
-        .iter()
-        .filter_map(|s| {
-            s.attr_str("url.path")
-                .filter(|p| p.starts_with("/before/"))
-                .map(String::from)
-        })
-        .collect();
+    // No span lost across the swap: the ones queued under the old material arrive too (batches
+    // in flight concurrently may land in any order, so wait for all of them).
+    let before_count = || {
+        sink.spans()
+            .iter()
+            .filter_map(|s| {
+                s.attr_str("url.path")
+                    .filter(|p| p.starts_with("/before/"))
+                    .map(String::from)
+            })
+            .collect::<HashSet<String>>()
+    };
+    wait_until(WAIT, || before_count().len() == 20).await;
+    let before = before_count();
     assert_eq!(before.len(), 20, "{before:?}");
     assert!(
         wait_until(WAIT, || proxy.metric("tracecar_export_healthy")

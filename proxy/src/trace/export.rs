@@ -11,8 +11,9 @@
 //! Retries: a batch whose export failed transiently (collector unreachable, TLS handshake
 //! refused, timeout, UNAVAILABLE / 429 / 502 / 503 / 504) is tried again after an exponential
 //! back-off with jitter (100 ms doubling to 5 s) or after the delay the collector asked for
-//! (gRPC `RetryInfo`, HTTP `Retry-After`, capped at 30 s), for as long as it takes. Meanwhile the
-//! worker takes nothing from the queue, so the queue fills to `OTEL_BSP_MAX_QUEUE_SIZE` and
+//! (gRPC `RetryInfo`, HTTP `Retry-After`, capped at 30 s), for as long as it takes. Up to
+//! `OTEL_BSP_MAX_CONCURRENT_EXPORTS` batches (default 2) are in flight, each on its own exporter;
+//! while all of them are retrying the worker takes nothing from the queue, so the queue fills to `OTEL_BSP_MAX_QUEUE_SIZE` and
 //! further spans are dropped as `queue_full`: memory stays bounded, every lost span is counted,
 //! and export resumes by itself when the collector is back. Each attempt is bounded by
 //! `OTEL_EXPORTER_OTLP_TIMEOUT` (and `OTEL_BSP_EXPORT_TIMEOUT`). A batch the collector refuses
@@ -22,8 +23,13 @@
 //! `export_failed` (the exporter could not send at all), `tls_material` (TLS files unusable with
 //! `TRACECAR_EXPORT_REQUIRED=false`), `shutdown`.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures_util::stream::{FuturesUnordered, StreamExt};
 
 use opentelemetry::Context;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
@@ -103,7 +109,8 @@ enum Control {
     Flush(oneshot::Sender<()>),
 }
 
-/// The span processor: a bounded queue drained by one export task.
+/// The span processor: a bounded queue drained by one export task, which keeps up to
+/// `OTEL_BSP_MAX_CONCURRENT_EXPORTS` batches in flight.
 #[derive(Debug)]
 pub struct QueueProcessor {
     spans: mpsc::Sender<SpanData>,
@@ -145,26 +152,33 @@ impl ExportHandle {
 }
 
 impl QueueProcessor {
-    /// Starts the export task on the current tokio runtime.
+    /// Starts the export task on the current tokio runtime. Each exporter carries one batch at a
+    /// time; with several, that many batches are in flight at once.
     pub fn start(
-        mut exporter: Exporter,
+        mut exporters: Vec<Exporter>,
         resource: &Resource,
         batch: BatchConfig,
         metrics: Arc<Metrics>,
     ) -> (QueueProcessor, ExportHandle) {
-        exporter.set_resource(resource);
+        for e in &mut exporters {
+            e.set_resource(resource);
+        }
         let (spans_tx, spans_rx) = mpsc::channel(batch.max_queue_size);
         let (control_tx, control_rx) = mpsc::channel(4);
-        let problem = exporter.problem();
+        let problem = exporters.first().and_then(Exporter::problem);
         if problem.is_some() {
             // Already logged where it was found; the gauge says so from the start.
             metrics.export_healthy.set(0);
         }
         let worker = Worker {
-            exporter,
+            idle: exporters,
+            in_flight: FuturesUnordered::new(),
             batch,
             metrics: metrics.clone(),
-            healthy: problem.is_none(),
+            health: Arc::new(Health {
+                healthy: AtomicBool::new(problem.is_none()),
+                metrics: metrics.clone(),
+            }),
         };
         tokio::spawn(worker.run(spans_rx, control_rx));
         (
@@ -212,11 +226,39 @@ impl SpanProcessor for QueueProcessor {
     }
 }
 
+/// Export health, shared by the batches in flight: logs once per change, not per failure.
+struct Health {
+    healthy: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl Health {
+    fn set(&self, healthy: bool, error: Option<&str>) {
+        if self.healthy.swap(healthy, Ordering::AcqRel) == healthy {
+            return;
+        }
+        self.metrics.export_healthy.set(healthy as i64);
+        if healthy {
+            tracing::info!("span export recovered");
+        } else {
+            tracing::warn!(
+                error = error.unwrap_or(""),
+                "span export failing; spans queue and are dropped when the queue is full"
+            );
+        }
+    }
+}
+
+type InFlight = Pin<Box<dyn Future<Output = Exporter> + Send>>;
+
 struct Worker {
-    exporter: Exporter,
+    /// Exporters not carrying a batch right now.
+    idle: Vec<Exporter>,
+    /// Batches being exported (with retries); each gives its exporter back when done.
+    in_flight: FuturesUnordered<InFlight>,
     batch: BatchConfig,
     metrics: Arc<Metrics>,
-    healthy: bool,
+    health: Arc<Health>,
 }
 
 impl Worker {
@@ -241,9 +283,13 @@ impl Worker {
                     None => {
                         // Every processor is gone: export what is left and stop.
                         self.export(std::mem::take(&mut pending)).await;
+                        self.drain().await;
                         return;
                     }
                 },
+                Some(exporter) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    self.idle.push(exporter);
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     if !pending.is_empty() {
                         self.export(std::mem::take(&mut pending)).await;
@@ -260,6 +306,7 @@ impl Worker {
                             }
                         }
                         self.export(std::mem::take(&mut pending)).await;
+                        self.drain().await;
                         let _ = done.send(());
                     }
                     None => return,
@@ -268,65 +315,78 @@ impl Worker {
         }
     }
 
-    /// Exports one batch, retrying transient failures with exponential back-off and jitter (or
-    /// the collector's hint) until it is delivered; a batch refused for good is dropped and
-    /// counted.
+    /// Hands one batch to an idle exporter, first waiting for one if all are busy (meanwhile
+    /// the queue fills and overflows, counted, so memory stays bounded).
     async fn export(&mut self, batch: Vec<SpanData>) {
         if batch.is_empty() {
             return;
         }
-        let n = batch.len() as u64;
-        let mut backoff = FIRST_BACKOFF;
-        loop {
-            let attempt = tokio::time::timeout(
-                self.batch.export_timeout,
-                self.exporter.export(batch.clone()),
-            );
-            let failure = match attempt.await {
-                Ok(Ok(())) => {
-                    self.metrics.spans_exported.inc_by(n);
-                    self.set_healthy(true, None);
-                    return;
-                }
-                Ok(Err(f)) => f,
-                Err(_) => ExportFailure {
-                    retry: Retry::Backoff,
-                    reason: "export_failed",
-                    message: "export timed out (OTEL_BSP_EXPORT_TIMEOUT)".to_string(),
-                },
-            };
-            self.metrics.export_errors.inc();
-            self.set_healthy(false, Some(&failure.message));
-            let wait = match failure.retry {
-                Retry::Never => {
-                    tracing::debug!(error = %failure.message, spans = n, reason = failure.reason, "batch dropped");
-                    self.metrics.spans_dropped(failure.reason, n);
-                    return;
-                }
-                Retry::After(hint) => hint.min(MAX_HINT),
-                Retry::Backoff => jitter(backoff),
-            };
-            tracing::debug!(error = %failure.message, retry_in = ?wait, "export failed; retrying");
-            tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+        while self.idle.is_empty() {
+            match self.in_flight.next().await {
+                Some(exporter) => self.idle.push(exporter),
+                None => return, // no exporter at all
+            }
         }
+        let Some(exporter) = self.idle.pop() else {
+            return;
+        };
+        self.in_flight.push(Box::pin(export_batch(
+            exporter,
+            batch,
+            self.batch.export_timeout,
+            self.metrics.clone(),
+            self.health.clone(),
+        )));
     }
 
-    /// Logs once per change of export health, not once per failure.
-    fn set_healthy(&mut self, healthy: bool, error: Option<&str>) {
-        if healthy == self.healthy {
-            return;
+    /// Waits for every batch in flight.
+    async fn drain(&mut self) {
+        while let Some(exporter) = self.in_flight.next().await {
+            self.idle.push(exporter);
         }
-        self.healthy = healthy;
-        self.metrics.export_healthy.set(healthy as i64);
-        if healthy {
-            tracing::info!("span export recovered");
-        } else {
-            tracing::warn!(
-                error = error.unwrap_or(""),
-                "span export failing; spans queue and are dropped when the queue is full"
-            );
-        }
+    }
+}
+
+/// Exports one batch, retrying transient failures with exponential back-off and jitter (or the
+/// collector's hint) until it is delivered; a batch refused for good is dropped and counted.
+async fn export_batch(
+    mut exporter: Exporter,
+    batch: Vec<SpanData>,
+    attempt_timeout: Duration,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> Exporter {
+    let n = batch.len() as u64;
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let attempt = tokio::time::timeout(attempt_timeout, exporter.export(batch.clone()));
+        let failure = match attempt.await {
+            Ok(Ok(())) => {
+                metrics.spans_exported.inc_by(n);
+                health.set(true, None);
+                return exporter;
+            }
+            Ok(Err(f)) => f,
+            Err(_) => ExportFailure {
+                retry: Retry::Backoff,
+                reason: "export_failed",
+                message: "export timed out (OTEL_BSP_EXPORT_TIMEOUT)".to_string(),
+            },
+        };
+        metrics.export_errors.inc();
+        health.set(false, Some(&failure.message));
+        let wait = match failure.retry {
+            Retry::Never => {
+                tracing::debug!(error = %failure.message, spans = n, reason = failure.reason, "batch dropped");
+                metrics.spans_dropped(failure.reason, n);
+                return exporter;
+            }
+            Retry::After(hint) => hint.min(MAX_HINT),
+            Retry::Backoff => jitter(backoff),
+        };
+        tracing::debug!(error = %failure.message, retry_in = ?wait, "export failed; retrying");
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 

@@ -61,28 +61,35 @@ impl Telemetry {
         metrics: Arc<Metrics>,
     ) -> Result<Telemetry, TelemetryError> {
         let resource = resource(config);
-        let exporter = match sink {
-            Sink::Channel(tx) => Some(export::Exporter::Channel {
+        // Console and channel output stay in order with one exporter; OTLP gets one per
+        // concurrent export, each with its own connections.
+        let exporters: Vec<export::Exporter> = match sink {
+            Sink::Channel(tx) => vec![export::Exporter::Channel {
                 tx,
                 service: std::sync::Arc::from(""),
-            }),
+            }],
             Sink::FromConfig => match config.exporter {
-                TracesExporter::None => None,
-                TracesExporter::Console => Some(export::Exporter::Console(
+                TracesExporter::None => Vec::new(),
+                TracesExporter::Console => vec![export::Exporter::Console(
                     console::ConsoleExporter::default(),
-                )),
-                TracesExporter::Otlp => Some(export::Exporter::Otlp(Box::new(
-                    otlp::OtlpExporter::new(&config.otlp)?,
-                ))),
+                )],
+                TracesExporter::Otlp => {
+                    let first = otlp::OtlpExporter::new(&config.otlp)?;
+                    let mut all: Vec<export::Exporter> = (1..config.batch.max_concurrent_exports)
+                        .map(|_| export::Exporter::Otlp(Box::new(first.sibling())))
+                        .collect();
+                    all.insert(0, export::Exporter::Otlp(Box::new(first)));
+                    all
+                }
             },
         };
         let mut builder = SdkTracerProvider::builder()
             .with_sampler(sampler(config.sampler))
             .with_resource(resource.clone());
         let mut export = None;
-        if let Some(exporter) = exporter {
+        if !exporters.is_empty() {
             let (processor, handle) =
-                export::QueueProcessor::start(exporter, &resource, config.batch, metrics.clone());
+                export::QueueProcessor::start(exporters, &resource, config.batch, metrics.clone());
             builder = builder.with_span_processor(processor);
             export = Some(handle);
         }

@@ -84,7 +84,7 @@ impl ExportFailure {
 }
 
 /// TLS for the export connection, if any.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum TlsState {
     Off,
     On(Arc<TlsSource>),
@@ -169,6 +169,18 @@ impl OtlpExporter {
             this.client = Some((generation, this.build()?));
         }
         Ok(this)
+    }
+
+    /// Another exporter for concurrent exports: same settings and TLS source (one file watcher),
+    /// its own connection pool, built on first use.
+    pub fn sibling(&self) -> OtlpExporter {
+        OtlpExporter {
+            cfg: self.cfg.clone(),
+            tls: self.tls.clone(),
+            resource: self.resource.clone(),
+            attrs: (&self.resource).into(),
+            client: None,
+        }
     }
 
     /// Why export cannot work at all right now (start-up material missing), if so.
