@@ -51,6 +51,10 @@ pub struct RunArgs {
     /// How long a captured connection may stay silent before it is forwarded opaquely.
     #[arg(long, env = "TRACECAR_DETECT_TIMEOUT", default_value = "1s")]
     pub detect_timeout: String,
+    /// Runtime worker threads: a number, or `auto` (the CPUs the proxy may use, at most 2: a
+    /// sidecar should stay small; raise it for very busy pods).
+    #[arg(long, env = "TRACECAR_WORKER_THREADS", default_value = "auto")]
+    pub worker_threads: String,
 
     #[arg(long, env = "OTEL_SERVICE_NAME")]
     pub service_name: Option<String>,
@@ -256,6 +260,8 @@ pub struct Config {
     pub log: String,
     pub drain_timeout: Duration,
     pub detect_timeout: Duration,
+    /// `None`: decided at start-up (`auto`).
+    pub worker_threads: Option<usize>,
     pub service_name: String,
     /// Resource attributes, in order: OTEL_RESOURCE_ATTRIBUTES, then the pod metadata.
     pub resource: Vec<(String, String)>,
@@ -443,6 +449,15 @@ impl RunArgs {
             "drain-timeout",
             &self.drain_timeout,
         )?;
+        let worker_threads = match self.worker_threads.trim() {
+            "auto" | "" => None,
+            v => Some(
+                count("TRACECAR_WORKER_THREADS", "worker-threads", v).map_err(|mut e| {
+                    e.expected = "auto or a whole number greater than 0".into();
+                    e
+                })?,
+            ),
+        };
         let detect_timeout = duration(
             "TRACECAR_DETECT_TIMEOUT",
             "detect-timeout",
@@ -668,6 +683,7 @@ impl RunArgs {
             log: self.log,
             drain_timeout,
             detect_timeout,
+            worker_threads,
             service_name,
             resource,
             exporter,
@@ -774,6 +790,12 @@ mod tests {
         assert!(parse(&["--inbound-target", "127.0.0.1:15143"]).is_err());
         assert!(parse(&["--inbound-target", "localhost:15143"]).is_err());
         assert!(parse(&["--inbound-target", "127.0.0.1:8080"]).is_ok());
+        assert!(parse(&["--worker-threads", "0"]).is_err());
+        assert_eq!(
+            parse(&["--worker-threads", "3"]).unwrap().worker_threads,
+            Some(3)
+        );
+        assert_eq!(parse(&[]).unwrap().worker_threads, None);
         let e = parse(&["--correlation", "sometimes"])
             .unwrap_err()
             .to_string();

@@ -43,9 +43,16 @@ fn init_logging(filter: &str) {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
+    runtime_with(None)
+}
+
+/// `threads`: `None` leaves tokio's default (all CPUs, or `TOKIO_WORKER_THREADS`).
+fn runtime_with(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    builder.enable_all().build()
 }
 
 fn main() -> ExitCode {
@@ -60,7 +67,14 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config.log);
-            let rt = match runtime() {
+            // A sidecar shares the pod's CPUs: unless told otherwise, at most two worker threads
+            // (fewer when the CPU limit allows fewer). TOKIO_WORKER_THREADS still works.
+            let threads = config.worker_threads.or_else(|| {
+                std::env::var_os("TOKIO_WORKER_THREADS")
+                    .is_none()
+                    .then(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(2)))
+            });
+            let rt = match runtime_with(threads) {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("tracecar-proxy: cannot start the runtime: {e}");
