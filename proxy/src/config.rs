@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// sidecar should stay small; raise it for very busy pods).
     #[arg(long, env = "TRACECAR_WORKER_THREADS", default_value = "auto")]
     pub worker_threads: String,
+    /// Also trace the kubelet's probes (requests from `kube-probe/*`); off, they are only proxied.
+    #[arg(long, env = "TRACECAR_TRACE_PROBES", default_value = "false")]
+    pub trace_probes: String,
 
     #[arg(long, env = "OTEL_SERVICE_NAME")]
     pub service_name: Option<String>,
@@ -262,6 +265,7 @@ pub struct Config {
     pub detect_timeout: Duration,
     /// `None`: decided at start-up (`auto`).
     pub worker_threads: Option<usize>,
+    pub trace_probes: bool,
     pub service_name: String,
     /// Resource attributes, in order: OTEL_RESOURCE_ATTRIBUTES, then the pod metadata.
     pub resource: Vec<(String, String)>,
@@ -457,6 +461,18 @@ impl RunArgs {
                     e
                 })?,
             ),
+        };
+        let trace_probes = match self.trace_probes.trim() {
+            "true" => true,
+            "false" | "" => false,
+            v => {
+                return Err(err(
+                    "TRACECAR_TRACE_PROBES",
+                    "trace-probes",
+                    v,
+                    "true or false",
+                ))
+            }
         };
         let detect_timeout = duration(
             "TRACECAR_DETECT_TIMEOUT",
@@ -684,6 +700,7 @@ impl RunArgs {
             drain_timeout,
             detect_timeout,
             worker_threads,
+            trace_probes,
             service_name,
             resource,
             exporter,

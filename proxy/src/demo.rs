@@ -102,6 +102,7 @@ fn proxy_config(service: &str, inbound_target: SocketAddr) -> anyhow::Result<Con
         drain_timeout: "2s".into(),
         detect_timeout: "1s".into(),
         worker_threads: "auto".into(),
+        trace_probes: "false".into(),
         service_name: Some(service.into()),
         resource_attributes: Some(format!(
             "k8s.namespace.name=demo,k8s.deployment.name={service}"

@@ -625,3 +625,44 @@ async fn upstream_connections_are_pooled() {
         app.connections()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_probes_are_proxied_but_not_traced_unless_asked() {
+    for (trace_probes, expected_spans) in [("false", 1), ("true", 2)] {
+        let sink = Sink::start().await;
+        let app = App::start().await;
+        let proxy = ProxyProcess::spawn(&env(
+            &sink,
+            &app,
+            &[("TRACECAR_TRACE_PROBES", trace_probes)],
+        ));
+        let probe = get(
+            &format!("http://{}/healthz", proxy.inbound),
+            &[("user-agent", "kube-probe/1.33")],
+        )
+        .await;
+        assert_eq!(probe.0, 200, "the probe still reaches the app");
+        assert_eq!(
+            get(&format!("http://{}/work", proxy.inbound), &[]).await.0,
+            200
+        );
+        let spans = sink.wait_for(expected_spans, WAIT).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let paths: Vec<_> = sink
+            .spans()
+            .iter()
+            .filter_map(|s| s.attr_str("url.path").map(String::from))
+            .collect();
+        assert_eq!(
+            paths.len(),
+            expected_spans,
+            "TRACECAR_TRACE_PROBES={trace_probes}: {spans:#?}"
+        );
+        assert!(paths.contains(&"/work".to_string()));
+        assert_eq!(
+            proxy.metric(r#"tracecar_requests_total{direction="inbound",status_class="2xx"}"#),
+            Some(2.0),
+            "probes are counted either way"
+        );
+    }
+}

@@ -19,7 +19,10 @@ use std::sync::Arc;
 use opentelemetry::propagation::TextMapCompositePropagator;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
-use opentelemetry_sdk::trace::{Sampler as SdkSampler, SdkTracer, SdkTracerProvider};
+use opentelemetry_sdk::trace::{
+    Sampler as SdkSampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider,
+    ShouldSample,
+};
 use opentelemetry_sdk::Resource;
 use tokio::sync::mpsc;
 
@@ -83,9 +86,14 @@ impl Telemetry {
                 }
             },
         };
-        let mut builder = SdkTracerProvider::builder()
-            .with_sampler(sampler(config.sampler))
-            .with_resource(resource.clone());
+        let configured = sampler(config.sampler);
+        let mut builder = SdkTracerProvider::builder();
+        builder = if config.trace_probes {
+            builder.with_sampler(configured)
+        } else {
+            builder.with_sampler(SkipProbes(configured))
+        };
+        let mut builder = builder.with_resource(resource.clone());
         let mut export = None;
         if !exporters.is_empty() {
             let (processor, handle) =
@@ -120,6 +128,38 @@ impl Telemetry {
 impl Drop for Telemetry {
     fn drop(&mut self) {
         let _ = self.provider.shutdown();
+    }
+}
+
+/// Drops the SERVER spans of the kubelet's liveness/readiness probes (they would otherwise be a
+/// trace every few seconds per container); the probes are still proxied and counted.
+#[derive(Debug, Clone)]
+struct SkipProbes(SdkSampler);
+
+impl ShouldSample for SkipProbes {
+    fn should_sample(
+        &self,
+        parent_context: Option<&opentelemetry::Context>,
+        trace_id: opentelemetry::trace::TraceId,
+        name: &str,
+        span_kind: &opentelemetry::trace::SpanKind,
+        attributes: &[KeyValue],
+        links: &[opentelemetry::trace::Link],
+    ) -> SamplingResult {
+        let probe = *span_kind == opentelemetry::trace::SpanKind::Server
+            && attributes.iter().any(|kv| {
+                kv.key.as_str() == "user_agent.original"
+                    && matches!(&kv.value, opentelemetry::Value::String(ua) if ua.as_str().starts_with("kube-probe/"))
+            });
+        if probe {
+            return SamplingResult {
+                decision: SamplingDecision::Drop,
+                attributes: Vec::new(),
+                trace_state: Default::default(),
+            };
+        }
+        self.0
+            .should_sample(parent_context, trace_id, name, span_kind, attributes, links)
     }
 }
 
