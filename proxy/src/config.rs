@@ -21,7 +21,7 @@ pub struct ConfigError {
 }
 
 /// Flags of `tracecar-proxy run`, each with its environment variable.
-#[derive(Debug, Clone, Default, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Listener for traffic to the app.
     #[arg(long, env = "TRACECAR_INBOUND_LISTEN", default_value = "0.0.0.0:15143")]
@@ -380,6 +380,17 @@ fn ratio(var: &'static str, v: Option<&str>) -> Result<f64, ConfigError> {
 }
 
 impl RunArgs {
+    /// The settings from the environment alone, with every default applied (as `run` would see
+    /// them without flags); for callers that start a proxy in-process, such as the demo.
+    pub fn from_env() -> RunArgs {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        <Only as clap::Parser>::parse_from(["tracecar-proxy"]).run
+    }
+
     /// Validates every setting into a [`Config`].
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let inbound_listen = addr(

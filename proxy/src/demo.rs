@@ -92,36 +92,24 @@ async fn get(via: SocketAddr, uri: &str) -> anyhow::Result<(StatusCode, Bytes)> 
 }
 
 fn proxy_config(service: &str, inbound_target: SocketAddr) -> anyhow::Result<Config> {
-    let args = RunArgs {
-        inbound_listen: "127.0.0.1:0".into(),
-        outbound_listen: "127.0.0.1:0".into(),
-        admin_listen: "127.0.0.1:0".into(),
-        inbound_target: Some(inbound_target.to_string()),
-        correlation: "inflight".into(),
-        log: "warn".into(),
-        drain_timeout: "2s".into(),
-        detect_timeout: "1s".into(),
-        worker_threads: "auto".into(),
-        trace_probes: "false".into(),
-        service_name: Some(service.into()),
-        resource_attributes: Some(format!(
-            "k8s.namespace.name=demo,k8s.deployment.name={service}"
-        )),
-        traces_exporter: "otlp".into(),
-        otlp_protocol: std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
-            .unwrap_or_else(|_| "grpc".into()),
-        otlp_endpoint: std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok(),
-        otlp_traces_endpoint: std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").ok(),
-        otlp_timeout: "10000".into(),
-        sampler: "parentbased_always_on".into(),
-        propagators: "tracecontext,baggage".into(),
-        bsp_max_queue_size: "2048".into(),
-        bsp_schedule_delay: "200".into(),
-        bsp_max_export_batch_size: "512".into(),
-        bsp_max_concurrent_exports: "2".into(),
-        bsp_export_timeout: "10000".into(),
-        ..RunArgs::default()
-    };
+    // Start from the real defaults (and the OTEL_EXPORTER_OTLP_* variables, for --exporter otlp),
+    // then pin what the demo needs.
+    let mut args = RunArgs::from_env();
+    args.inbound_listen = "127.0.0.1:0".into();
+    args.outbound_listen = "127.0.0.1:0".into();
+    args.admin_listen = "127.0.0.1:0".into();
+    args.inbound_target = Some(inbound_target.to_string());
+    args.correlation = "inflight".into();
+    args.log = "warn".into();
+    args.drain_timeout = "2s".into();
+    args.service_name = Some(service.into());
+    args.resource_attributes = Some(format!(
+        "k8s.namespace.name=demo,k8s.deployment.name={service}"
+    ));
+    args.traces_exporter = "otlp".into();
+    args.sampler = "parentbased_always_on".into();
+    args.propagators = "tracecontext,baggage".into();
+    args.bsp_schedule_delay = "200".into();
     Ok(args.into_config()?)
 }
 

@@ -148,3 +148,36 @@ async fn proxy_environment_and_ready_hook_work_with_the_proxy() {
         "wait-ready fails when nothing is ready"
     );
 }
+
+/// The README's first command: the demo prints connected traces of uninstrumented services.
+#[test]
+fn demo_prints_connected_traces() {
+    let out = Command::new(proxy_bin())
+        .args(["demo", "--requests", "2"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Two checkouts: two traces of five spans across both services.
+    assert_eq!(stdout.matches("5 spans").count(), 2, "{stdout}");
+    assert!(stdout.contains("shop SERVER GET /checkout/1"), "{stdout}");
+    assert!(
+        stdout.contains("└─ inventory SERVER GET /items/1"),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("(linked by in-flight correlation)").count(),
+        4,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("error.type=503"),
+        "the failing checkout shows why: {stdout}"
+    );
+}
