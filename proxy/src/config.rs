@@ -309,6 +309,14 @@ fn count(var: &'static str, flag: &'static str, v: &str) -> Result<usize, Config
     }
 }
 
+/// A name or address that means this host (loopback or unspecified).
+pub fn is_local_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
+}
+
 /// Parses `10s`, `500ms`, `2m` or a bare number of seconds.
 pub fn parse_duration(v: &str) -> Option<Duration> {
     let v = v.trim();
@@ -406,39 +414,25 @@ impl RunArgs {
         let admin_listen = addr("TRACECAR_ADMIN_LISTEN", "admin-listen", &self.admin_listen)?;
         let inbound_target = match self.inbound_target.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(t) => match t.parse::<http::uri::Authority>() {
-                Ok(a) if a.port_u16().is_some() => Some(a.to_string()),
-                _ => {
-                    return Err(err(
-                        "TRACECAR_INBOUND_TARGET",
-                        "inbound-target",
-                        t,
-                        "host:port, e.g. 127.0.0.1:8080",
-                    ))
+            Some(t) => {
+                let invalid =
+                    |expected: &str| err("TRACECAR_INBOUND_TARGET", "inbound-target", t, expected);
+                let a = t
+                    .parse::<http::uri::Authority>()
+                    .ok()
+                    .filter(|a| a.port_u16().is_some())
+                    .ok_or_else(|| invalid("host:port, e.g. 127.0.0.1:8080"))?;
+                // The inbound listener itself as target would forward to itself forever.
+                let host = a.host().trim_matches(|c| c == '[' || c == ']');
+                let is_listener = a.port_u16() == Some(inbound_listen.port())
+                    && (is_local_host(host)
+                        || host.parse::<std::net::IpAddr>() == Ok(inbound_listen.ip()));
+                if is_listener {
+                    return Err(invalid("the app's address, not the inbound listener's own"));
                 }
-            },
-        };
-        if let Some(t) = &inbound_target {
-            let same_port = t.rsplit(':').next().and_then(|p| p.parse::<u16>().ok())
-                == Some(inbound_listen.port());
-            let host = t
-                .rsplit_once(':')
-                .map(|(h, _)| h.trim_matches(|c| c == '[' || c == ']'));
-            let local = host.is_some_and(|h| {
-                h.eq_ignore_ascii_case("localhost")
-                    || h.parse::<std::net::IpAddr>().is_ok_and(|ip| {
-                        ip.is_loopback() || ip.is_unspecified() || ip == inbound_listen.ip()
-                    })
-            });
-            if same_port && local {
-                return Err(err(
-                    "TRACECAR_INBOUND_TARGET",
-                    "inbound-target",
-                    t,
-                    "the app's address, not the inbound listener's own",
-                ));
+                Some(a.to_string())
             }
-        }
+        };
         let correlation = match self.correlation.trim() {
             "off" => Correlation::Off,
             "inflight" => Correlation::Inflight,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -180,12 +180,7 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 
 /// Points the request at `target` (origin-form path kept) and strips hop-by-hop headers.
 fn prepare(req: &mut Request<Incoming>, target: &str, upgrade: bool) -> Result<(), ForwardError> {
-    let path = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri: Uri = format!("http://{target}{path}")
+    let authority: http::uri::Authority = target
         .parse()
         .map_err(|_| ForwardError::NoTarget("the destination is not a valid authority"))?;
     // HTTP/1 peers need a Host header; keep the one the client sent.
@@ -198,10 +193,27 @@ fn prepare(req: &mut Request<Incoming>, target: &str, upgrade: bool) -> Result<(
             req.headers_mut().insert(header::HOST, a);
         }
     }
-    *req.uri_mut() = uri;
+    // Reuse the request's own path and query rather than formatting and re-parsing a URI.
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(parts)
+        .map_err(|_| ForwardError::NoTarget("the destination is not a valid authority"))?;
     remove_hop_by_hop(req.headers_mut(), upgrade);
     Ok(())
 }
+
+/// Connection-specific headers that are never forwarded (constants: no parsing per request).
+const HOP_BY_HOP: [HeaderName; 5] = [
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    header::TRANSFER_ENCODING,
+];
 
 /// RFC 9110 §7.6.1: connection-specific headers don't cross the proxy, except the ones an
 /// upgrade needs and `te: trailers` (gRPC).
@@ -218,13 +230,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(name);
         }
     }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "transfer-encoding",
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
     let trailers_only = headers
@@ -240,14 +246,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.remove(header::CONNECTION);
         headers.remove(header::UPGRADE);
     }
-}
-
-/// Collects a small body; used only for the proxy's own tiny responses in tests and the demo.
-pub async fn read_body<B>(body: B) -> Result<Bytes, B::Error>
-where
-    B: http_body::Body,
-{
-    Ok(body.collect().await?.to_bytes())
 }
 
 #[cfg(test)]

@@ -63,14 +63,6 @@ pub async fn serve(conn: Conn, stream: TcpStream, watcher: Watcher) {
     }
 }
 
-/// A name or address that means this host.
-fn is_local(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
-}
-
 fn split_authority(a: &http::uri::Authority, default_port: u16) -> (String, u16) {
     let host = a.host().trim_matches(|c| c == '[' || c == ']');
     (host.to_string(), a.port_u16().unwrap_or(default_port))
@@ -99,7 +91,7 @@ impl Conn {
                 match from_uri.or_else(from_host) {
                     Some(a) => {
                         let (host, port) = split_authority(&a, 80);
-                        if port == shared.listen_port && is_local(&host) {
+                        if port == shared.listen_port && crate::config::is_local_host(&host) {
                             // Forwarding to ourselves would open connections until fds run out.
                             shared.telemetry.metrics.outbound.malformed.inc();
                             return local_response(

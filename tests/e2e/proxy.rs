@@ -101,6 +101,7 @@ async fn inbound_request_makes_a_server_span_that_continues_the_caller() {
 
     // The app sees the proxy's span as parent; tracestate and baggage pass through.
     let seen = app.last("/orders").expect("app got the request");
+    assert_eq!(seen.query, "card=4111", "the query reaches the app");
     let tp = seen.headers["traceparent"].to_str().unwrap();
     let (trace, parent, flags) = parent_of(tp);
     assert_eq!(trace, s.trace_id);

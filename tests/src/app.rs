@@ -25,6 +25,8 @@ type AppBody = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub path: String,
+    /// The query string as received (the proxy forwards it; it only keeps it out of spans).
+    pub query: String,
     pub headers: HeaderMap,
 }
 
@@ -116,6 +118,7 @@ async fn route(mut req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Respo
     if let Ok(mut s) = seen.lock() {
         s.push(Seen {
             path: path.clone(),
+            query: req.uri().query().unwrap_or("").to_string(),
             headers: req.headers().clone(),
         });
     }
