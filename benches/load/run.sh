@@ -205,7 +205,7 @@ case " $targets " in
     pids+=($!)
     wait_port "$tc_admin"
     for _ in $(seq 1 50); do
-        http_get "$tc_admin" /ready | grep -qi ready && break
+        http_get "$tc_admin" /ready | grep -i ready >/dev/null && break
         sleep 0.1
     done
     url[tracecar]="http://127.0.0.1:$tc_in/"
@@ -271,7 +271,7 @@ end
 EOF
 
 jget() { # jget KEY < one-line JSON: a numeric value
-    sed -n "s/.*\"$1\":\(-\{0,1\}[0-9][0-9.e+-]*\).*/\1/p" | head -n1
+    sed -n "s/.*\"$1\":\(-\{0,1\}[0-9][0-9.e+-]*\).*/\1/p" | sed -n 1p
 }
 
 sent_tracecar=0

@@ -33,4 +33,5 @@ for tool in helm kubectl; do
   install -m 0755 "$found" "$bin/$tool"
 done
 "$bin/helm" version --short
-"$bin/kubectl" version --client 2>/dev/null | head -1
+# sed, not head: head exits early and, under pipefail, kubectl's SIGPIPE fails the script.
+"$bin/kubectl" version --client 2>/dev/null | sed -n 1p

@@ -172,7 +172,7 @@ nat_table() { in_ns "$1" "$2" -t nat 2>/dev/null | grep -v '^#' | sed -E 's/^(:[
 redirects() {
   local save=iptables-nft-save
   [ "${FAMILY:-4}" = 6 ] && save=ip6tables-nft-save
-  in_ns "$1" "$save" -c -t nat | grep -F -- "-A $2 " | head -n 1 | sed -E 's/^\[([0-9]+):.*/\1/'
+  in_ns "$1" "$save" -c -t nat | grep -F -- "-A $2 " | sed -n 1p | sed -E 's/^\[([0-9]+):.*/\1/'
 }
 
 # rules_match NS BACKEND DRYRUN_FILE FAMILIES: installed TRACECAR rules equal the dry-run's.
@@ -222,7 +222,7 @@ check_idempotent_nft() { idempotent "$A" nft "${A_INIT[@]}"; }
 check_rules_legacy() {
   in_ns "$L" "$PROXY" init --dry-run "${L_INIT[@]}" >"$WORK/l.dry" || return 1
   in_ns "$L" "$PROXY" init "${L_INIT[@]}" 2>/dev/null || return 1
-  if nat_table "$L" iptables-nft-save | grep -q TRACECAR; then
+  if nat_table "$L" iptables-nft-save | grep TRACECAR >/dev/null; then
     echo "rules went to nft although --iptables-backend legacy"
     return 1
   fi
@@ -234,8 +234,8 @@ check_auto_follows_legacy() {
   # A namespace whose existing rules are in the legacy tables (any rule will do).
   in_ns "$M" iptables-legacy -t filter -A INPUT -i lo -j ACCEPT || return 1
   in_ns "$M" "$PROXY" init --ipv6 off 2>/dev/null || return 1
-  nat_table "$M" iptables-legacy-save | grep -q -- '-j TRACECAR_OUTPUT' || { echo "no rules in legacy"; return 1; }
-  if nat_table "$M" iptables-nft-save | grep -q TRACECAR; then echo "rules in nft too"; return 1; fi
+  nat_table "$M" iptables-legacy-save | grep -- '-j TRACECAR_OUTPUT' >/dev/null || { echo "no rules in legacy"; return 1; }
+  if nat_table "$M" iptables-nft-save | grep TRACECAR >/dev/null; then echo "rules in nft too"; return 1; fi
   echo "auto chose legacy where legacy already had rules"
 }
 

@@ -476,14 +476,14 @@ check() { python3 "$tmp/check.py" "$@"; }
 # --- the injector's side of the contract ----------------------------------------------------
 # What the injector serves and decides on, read from its source (and its CLI when built).
 inj_src="injector/src"
-inj_path="$(grep -rhoE '"/inject"' "$inj_src" 2>/dev/null | head -1 | tr -d '"')"
-inj_port="$(grep -rhoE '0\.0\.0\.0:[0-9]+' "$inj_src" 2>/dev/null | grep -v ':9090' | head -1 | cut -d: -f2)"
+inj_path="$(grep -rhoE '"/inject"' "$inj_src" 2>/dev/null | sed -n 1p | tr -d '"')"
+inj_port="$(grep -rhoE '0\.0\.0\.0:[0-9]+' "$inj_src" 2>/dev/null | grep -v ':9090' | sed -n 1p | cut -d: -f2)"
 inj_bin="target/debug/tracecar-injector"
 [ -x target/release/tracecar-injector ] && [ ! -x "$inj_bin" ] && inj_bin="target/release/tracecar-injector"
 serve_help=""
 if [ -x "$inj_bin" ] && "$inj_bin" serve --help >"$tmp/serve-help.txt" 2>&1 && grep -q -- '--listen' "$tmp/serve-help.txt"; then
   serve_help="$tmp/serve-help.txt"
-  help_port="$(grep -A3 -- '--listen' "$serve_help" | grep -oE 'default: [0-9.]+:[0-9]+' | head -1 | sed 's/.*://')"
+  help_port="$(grep -A3 -- '--listen' "$serve_help" | grep -oE 'default: [0-9.]+:[0-9]+' | sed -n 1p | sed 's/.*://')"
   [ -n "$help_port" ] && inj_port="$help_port"
 fi
 
@@ -762,7 +762,7 @@ EOF
       fail "webhook.certs.regenerate=true"; sed 's/^/    /' "$tmp/up.err"
     fi
   else
-    fail "helm template --dry-run=server against the fake API server"; sed 's/^/    /' "$tmp/up.err" | head -20
+    fail "helm template --dry-run=server against the fake API server"; sed -n '1,20s/^/    /p' "$tmp/up.err"
   fi
   kill "$fake_pid" 2>/dev/null; wait "$fake_pid" 2>/dev/null; fake_pid=""
 fi
