@@ -65,6 +65,8 @@ fn info() -> RequestInfo<'static> {
         server_address: None,
         server_port: Some(8080),
         client_address: Some(std::net::IpAddr::from([10, 1, 2, 3])),
+        host: None,
+        user_agent: None,
     }
 }
 

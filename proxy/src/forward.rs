@@ -48,6 +48,8 @@ impl ForwardError {
 /// Pooled keep-alive clients, one per HTTP version the request arrived with.
 #[derive(Debug, Clone)]
 pub struct Upstream {
+    /// Idle app connections of the HTTP/1.1 path ([`crate::h1`]).
+    pub idle: std::sync::Arc<crate::h1::IdlePool>,
     http1: Client<HttpConnector, Incoming>,
     http2: Client<HttpConnector, Incoming>,
 }
@@ -65,7 +67,11 @@ impl Upstream {
         let http2 = Client::builder(TokioExecutor::new())
             .http2_only(true)
             .build(connector);
-        Upstream { http1, http2 }
+        Upstream {
+            idle: Default::default(),
+            http1,
+            http2,
+        }
     }
 
     /// Sends `req` to `target` (`host:port`) and returns the response with `span` attached to

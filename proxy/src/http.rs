@@ -40,9 +40,24 @@ pub struct Conn {
     pub target: Option<String>,
 }
 
-/// Serves HTTP/1 and HTTP/2 on `stream` until it closes or shutdown asks it to.
-pub async fn serve(conn: Conn, stream: TcpStream, watcher: Watcher) {
+/// Serves HTTP/1 and HTTP/2 on `stream` until it closes or shutdown asks it to: plain HTTP/1.1
+/// on the lean path ([`crate::h1`]), the rest (from the first request that needs it) with hyper.
+pub async fn serve(
+    conn: Conn,
+    mut stream: TcpStream,
+    watcher: Watcher,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let conn = Arc::new(conn);
+    let read = match crate::h1::serve(&conn, &mut stream, shutdown).await {
+        crate::h1::Outcome::Done => return,
+        crate::h1::Outcome::Fallback(read) => read,
+    };
+    serve_hyper(conn, Rewind::new(read, stream), watcher).await
+}
+
+/// Serves the connection with hyper (HTTP/1 and HTTP/2).
+async fn serve_hyper(conn: Arc<Conn>, stream: Rewind, watcher: Watcher) {
     let direction = conn.shared.direction;
     let metrics = conn.shared.telemetry.metrics.clone();
     let svc = hyper::service::service_fn(move |req| {
@@ -60,6 +75,70 @@ pub async fn serve(conn: Conn, stream: TcpStream, watcher: Watcher) {
             metrics.direction(direction).malformed.inc();
             tracing::debug!(error = %e, "malformed request");
         }
+    }
+}
+
+/// A connection with bytes already read from it put back in front.
+#[derive(Debug)]
+pub struct Rewind {
+    read: bytes::BytesMut,
+    inner: TcpStream,
+}
+
+impl Rewind {
+    pub fn new(read: bytes::BytesMut, inner: TcpStream) -> Self {
+        Rewind { read, inner }
+    }
+}
+
+impl tokio::io::AsyncRead for Rewind {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read.split_to(n));
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -122,6 +201,8 @@ impl Conn {
             server_address: routed.as_ref().map(|(h, _)| h.as_str()),
             server_port: routed.as_ref().map(|(_, p)| *p),
             client_address: (shared.direction == Direction::Inbound).then(|| self.peer.ip()),
+            host: None,
+            user_agent: None,
         };
         let mut span = match shared.direction {
             Direction::Inbound => shared.telemetry.server_span(info, &mut parts.headers),
@@ -178,6 +259,8 @@ impl Conn {
             server_address: Some(&host),
             server_port: Some(port),
             client_address: None,
+            host: None,
+            user_agent: None,
         };
         let mut span = shared.telemetry.client_span(info, req.headers_mut());
         let connect = tokio::time::timeout(

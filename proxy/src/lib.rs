@@ -3,7 +3,9 @@
 //! A request's path through the crate:
 //! - [`listen`]: accept on the inbound or outbound listener, find the destination
 //!   ([`orig_dst`]), [`detect`] the protocol;
-//! - [`http`]: start the SERVER/CLIENT span ([`trace`]), propagate context, [`forward`] upstream;
+//! - [`h1`]: plain HTTP/1.1 requests, parsed in place and forwarded with their bodies verbatim;
+//! - [`http`]: everything else HTTP (HTTP/2, upgrades, CONNECT, ...) through hyper; both start
+//!   the SERVER/CLIENT span ([`trace`]), propagate context and [`forward`] upstream;
 //! - [`trace::export`]: finished spans queue for OTLP export;
 //! - [`admin`]: `/live`, `/ready`, `/metrics` ([`metrics`]);
 //! - [`config`]: every setting, validated once; [`init`]: iptables set-up; [`demo`]: the demo.
@@ -13,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod detect;
 pub mod forward;
+pub mod h1;
 pub mod http;
 pub mod init;
 pub mod listen;

@@ -40,10 +40,11 @@ pub async fn run(
                     let shared = shared.clone();
                     let cfg = cfg.clone();
                     let watcher = graceful.watcher();
+                    let stop = shutdown.clone();
                     tokio::spawn(async move {
                         let gauge = shared.telemetry.metrics.direction(shared.direction).open_connections.clone();
                         gauge.inc();
-                        handle(stream, peer, own_addr, shared, cfg, watcher).await;
+                        handle(stream, peer, own_addr, shared, cfg, watcher, stop).await;
                         gauge.dec();
                     });
                 }
@@ -75,6 +76,7 @@ async fn handle(
     shared: Arc<Shared>,
     cfg: ListenerConfig,
     watcher: hyper_util::server::graceful::Watcher,
+    stop: watch::Receiver<bool>,
 ) {
     // A connection whose original destination is this very listener was not redirected.
     let redirected = match original_dst(&stream) {
@@ -98,6 +100,7 @@ async fn handle(
             },
             stream,
             watcher,
+            stop,
         )
         .await;
         return;
@@ -116,6 +119,7 @@ async fn handle(
                 },
                 stream,
                 watcher,
+                stop,
             )
             .await;
         }

@@ -1,5 +1,6 @@
 //! The span of one proxied request, from its headers to the end of its response body.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
@@ -7,10 +8,10 @@ use std::time::Instant;
 
 use http::{HeaderMap, Method, Version};
 use http_body::{Body, Frame, SizeHint};
-use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::{SpanBuilder, SpanKind, Status, TraceContextExt, Tracer};
 use opentelemetry::{Context, KeyValue, StringValue, Value};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
+use opentelemetry_http::HeaderExtractor;
 use opentelemetry_sdk::trace::Span as SdkSpan;
 
 use crate::metrics::Direction;
@@ -30,6 +31,64 @@ pub struct RequestInfo<'a> {
     pub server_port: Option<u16>,
     /// The peer that sent the request (inbound only).
     pub client_address: Option<IpAddr>,
+    /// The Host header (or :authority); filled from the headers by [`Telemetry::server_span`]
+    /// and [`Telemetry::client_span`].
+    pub host: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
+}
+
+/// The propagation headers a span start wants written, kept aside so the request's own header
+/// representation (a `HeaderMap`, or raw HTTP/1 bytes) can be rewritten afterwards.
+#[derive(Debug, Default)]
+pub struct Injected(pub Vec<(Cow<'static, str>, String)>);
+
+/// Header names the propagators write, so the common ones need no allocation.
+const KNOWN_KEYS: [&str; 9] = [
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-sampled",
+    "x-b3-parentspanid",
+    "uber-trace-id",
+];
+
+impl Injector for Injected {
+    fn set(&mut self, key: &str, value: String) {
+        let key = match KNOWN_KEYS.iter().find(|k| k.eq_ignore_ascii_case(key)) {
+            Some(k) => Cow::Borrowed(*k),
+            None => Cow::Owned(key.to_ascii_lowercase()),
+        };
+        match self.0.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((key, value)),
+        }
+    }
+}
+
+impl Injected {
+    /// True when `name` (any case) will be written by the propagators.
+    pub fn replaces(&self, name: &str) -> bool {
+        self.0.iter().any(|(k, _)| k.eq_ignore_ascii_case(name))
+    }
+
+    /// Writes the headers into `headers`, replacing any with the same name.
+    pub fn apply(self, headers: &mut HeaderMap) {
+        for (k, v) in self.0 {
+            if let (Ok(name), Ok(value)) = (
+                http::header::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_str(&v),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: http::header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// A request's span and timing; ends the span and records metrics when dropped.
@@ -76,7 +135,7 @@ fn protocol_version(v: Version) -> &'static str {
     }
 }
 
-fn attributes(info: &RequestInfo<'_>, headers: &HeaderMap) -> Vec<KeyValue> {
+fn attributes(info: &RequestInfo<'_>) -> Vec<KeyValue> {
     let mut attrs = Vec::with_capacity(10);
     attrs.push(KeyValue::new(
         "http.request.method",
@@ -89,9 +148,8 @@ fn attributes(info: &RequestInfo<'_>, headers: &HeaderMap) -> Vec<KeyValue> {
         protocol_version(info.version),
     ));
     // Inbound requests name their server in the Host header (or :authority).
-    let host_header = headers
-        .get(http::header::HOST)
-        .and_then(|v| v.to_str().ok())
+    let host_header = info
+        .host
         .and_then(|h| h.parse::<http::uri::Authority>().ok());
     let (address, port) = match (info.server_address, &host_header) {
         (Some(a), _) => (Some(a), info.server_port),
@@ -110,10 +168,7 @@ fn attributes(info: &RequestInfo<'_>, headers: &HeaderMap) -> Vec<KeyValue> {
     if let Some(ip) = info.client_address {
         attrs.push(KeyValue::new("client.address", ip.to_string()));
     }
-    if let Some(ua) = headers
-        .get(http::header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-    {
+    if let Some(ua) = info.user_agent {
         attrs.push(KeyValue::new("user_agent.original", ua.to_owned()));
     }
     attrs
@@ -127,11 +182,39 @@ impl Telemetry {
         info: RequestInfo<'_>,
         headers: &mut HeaderMap,
     ) -> RequestSpan {
+        let mut injected = Injected::default();
+        let span = {
+            let h = &*headers;
+            let info = RequestInfo {
+                host: header_str(h, http::header::HOST),
+                user_agent: header_str(h, http::header::USER_AGENT),
+                ..info
+            };
+            self.server_span_with(info, &HeaderExtractor(h), &mut injected)
+        };
+        injected.apply(headers);
+        span
+    }
+
+    /// [`Telemetry::server_span`] over any header representation: context is read from
+    /// `extractor` and the proxy's span written to `injector`.
+    pub fn server_span_with(
+        self: &std::sync::Arc<Self>,
+        info: RequestInfo<'_>,
+        extractor: &dyn Extractor,
+        injector: &mut dyn Injector,
+    ) -> RequestSpan {
         let parent = match &self.propagator {
-            Some(p) => p.extract(&HeaderExtractor(headers)),
+            Some(p) => p.extract(extractor),
             None => Context::new(),
         };
-        let mut rs = self.start(SpanKind::Server, info, headers, &parent, Direction::Inbound);
+        let mut rs = self.start(
+            SpanKind::Server,
+            info,
+            injector,
+            &parent,
+            Direction::Inbound,
+        );
         if let Some(inflight) = &self.inflight {
             rs._inflight = Some(inflight.enter(rs.span_context()));
         }
@@ -145,8 +228,29 @@ impl Telemetry {
         info: RequestInfo<'_>,
         headers: &mut HeaderMap,
     ) -> RequestSpan {
+        let mut injected = Injected::default();
+        let span = {
+            let h = &*headers;
+            let info = RequestInfo {
+                host: header_str(h, http::header::HOST),
+                user_agent: header_str(h, http::header::USER_AGENT),
+                ..info
+            };
+            self.client_span_with(info, &HeaderExtractor(h), &mut injected)
+        };
+        injected.apply(headers);
+        span
+    }
+
+    /// [`Telemetry::client_span`] over any header representation.
+    pub fn client_span_with(
+        self: &std::sync::Arc<Self>,
+        info: RequestInfo<'_>,
+        extractor: &dyn Extractor,
+        injector: &mut dyn Injector,
+    ) -> RequestSpan {
         let mut parent = match &self.propagator {
-            Some(p) => p.extract(&HeaderExtractor(headers)),
+            Some(p) => p.extract(extractor),
             None => Context::new(),
         };
         let mut correlated = false;
@@ -159,7 +263,7 @@ impl Telemetry {
         let mut rs = self.start(
             SpanKind::Client,
             info,
-            headers,
+            injector,
             &parent,
             Direction::Outbound,
         );
@@ -220,18 +324,18 @@ impl Telemetry {
         self: &std::sync::Arc<Self>,
         kind: SpanKind,
         info: RequestInfo<'_>,
-        headers: &mut HeaderMap,
+        injector: &mut dyn Injector,
         parent: &Context,
         direction: Direction,
     ) -> RequestSpan {
         let builder = SpanBuilder::from_name(method_name(info.method))
             .with_kind(kind)
-            .with_attributes(attributes(&info, headers));
+            .with_attributes(attributes(&info));
         let span = self.tracer.build_with_context(builder, parent);
         if let Some(p) = &self.propagator {
             let cx = parent
                 .with_remote_span_context(opentelemetry::trace::Span::span_context(&span).clone());
-            p.inject_context(&cx, &mut HeaderInjector(headers));
+            p.inject_context(&cx, injector);
         }
         self.metrics.direction(direction).open_requests.inc();
         RequestSpan {

@@ -1,0 +1,860 @@
+//! The lean HTTP/1.1 path: most requests a sidecar sees are plain HTTP/1.1 with a
+//! `content-length` or chunked body. For those, the proxy parses the head in place (httparse),
+//! writes a rewritten head plus the body bytes it already holds to the app in one write, and
+//! copies the rest of each body through verbatim, keeping the framing. That spends a fraction of
+//! the CPU of decoding into `http::Request` and re-encoding, which is the proxy's main per-request
+//! cost after the kernel's.
+//!
+//! Anything else on the connection (HTTP/1.0, HTTP/2 prior knowledge, upgrades, `Expect`,
+//! `CONNECT`, unusual framing, malformed input) hands the connection, with the bytes read so
+//! far, to the hyper path in [`crate::http`] for the rest of its life; hyper answers malformed
+//! requests with 400 and counts them there.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use http::{Method, StatusCode, Version};
+use opentelemetry::propagation::Extractor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::forward::ForwardError;
+use crate::http::Conn;
+use crate::metrics::Direction;
+use crate::trace::span::{Injected, RequestInfo};
+use crate::trace::RequestSpan;
+
+/// Heads with more headers than this go to hyper (which allows about 100).
+const MAX_HEADERS: usize = 64;
+/// A head still incomplete after this many bytes goes to hyper, which refuses it.
+const MAX_HEAD: usize = 64 * 1024;
+/// The least free space offered to each read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Idle pooled app connections older than this are closed rather than reused.
+const POOL_IDLE: Duration = Duration::from_secs(90);
+/// Idle app connections kept per destination.
+const POOL_MAX_PER_TARGET: usize = 256;
+
+/// How [`serve`] left the connection.
+pub enum Outcome {
+    /// Closed, or finished with shutdown.
+    Done,
+    /// Not for this path: serve the rest with hyper, starting with these bytes.
+    Fallback(BytesMut),
+}
+
+/// Idle keep-alive connections to apps, by `host:port`, shared by every client connection.
+#[derive(Debug, Default)]
+pub struct IdlePool {
+    idle: Mutex<HashMap<String, Vec<(TcpStream, Instant)>>>,
+}
+
+impl IdlePool {
+    fn take(&self, target: &str) -> Option<TcpStream> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(target)?;
+        while let Some((stream, since)) = list.pop() {
+            if since.elapsed() < POOL_IDLE {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    fn put(&self, target: String, stream: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.entry(target).or_default();
+        list.retain(|(_, since)| since.elapsed() < POOL_IDLE);
+        if list.len() < POOL_MAX_PER_TARGET {
+            list.push((stream, Instant::now()));
+        }
+    }
+}
+
+/// How a message body ends.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    /// Until the sender closes (responses only).
+    Close,
+}
+
+/// The app connection a client connection is using.
+struct Upstream {
+    target: String,
+    stream: TcpStream,
+    buf: BytesMut,
+    /// Came from the pool or served an earlier request: it may have been closed meanwhile.
+    reused: bool,
+}
+
+/// What the request head says, copied out of the read buffer.
+struct RequestHead {
+    framing: Framing,
+    client_close: bool,
+    head_request: bool,
+    /// Bytes of the head to send to the app, rewritten.
+    out: Vec<u8>,
+    target: String,
+    span: RequestSpan,
+}
+
+/// Serves HTTP/1.1 requests on `client` until it closes, shutdown is asked for between requests,
+/// or a request needs the hyper path.
+pub async fn serve(
+    conn: &Conn,
+    client: &mut TcpStream,
+    mut shutdown: watch::Receiver<bool>,
+) -> Outcome {
+    let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut up: Option<Upstream> = None;
+    let pool = &conn.shared.upstream.idle;
+    let outcome = loop {
+        // 1. A complete request head.
+        let head_len = loop {
+            if !inbuf.is_empty() {
+                match peek_head(&inbuf) {
+                    Ok(Some(n)) => break Some(n),
+                    Ok(None) if inbuf.len() <= MAX_HEAD => {}
+                    _ => break None,
+                }
+            } else if *shutdown.borrow() {
+                break Some(0);
+            }
+            if inbuf.capacity() - inbuf.len() < READ_CHUNK / 4 {
+                inbuf.reserve(READ_CHUNK);
+            }
+            let read = tokio::select! {
+                biased;
+                r = client.read_buf(&mut inbuf) => r,
+                _ = shutdown.changed(), if inbuf.is_empty() => Ok(0),
+            };
+            match read {
+                Ok(0) | Err(_) if inbuf.is_empty() => break Some(0),
+                Ok(0) | Err(_) => break None,
+                Ok(_) => {}
+            }
+        };
+        let head_len = match head_len {
+            Some(0) => break Outcome::Done,
+            Some(n) => n,
+            None => break Outcome::Fallback(inbuf),
+        };
+        // 2. Route it and start its span, rewriting the head for the app.
+        let head = match prepare(conn, &inbuf[..head_len], head_len) {
+            Prepared::Forward(h) => h,
+            Prepared::Fallback => break Outcome::Fallback(inbuf),
+            Prepared::Local(status, message) => {
+                inbuf.advance(head_len);
+                let _ = write_local(client, status, message).await;
+                // The request's body, if any, was never read: the connection cannot go on.
+                break Outcome::Done;
+            }
+        };
+        inbuf.advance(head_len);
+        match exchange(conn, client, &mut inbuf, &mut up, pool, head).await {
+            Ok(true) => continue,
+            Ok(false) => break Outcome::Done,
+            Err(()) => {
+                up = None;
+                break Outcome::Done;
+            }
+        }
+    };
+    if let Some(u) = up.take() {
+        if u.buf.is_empty() {
+            pool.put(u.target, u.stream);
+        }
+    }
+    if matches!(outcome, Outcome::Done) {
+        let _ = client.shutdown().await;
+    }
+    outcome
+}
+
+/// `Ok(Some(len))` when `buf` starts with a complete head, `Ok(None)` when more is needed.
+fn peek_head(buf: &[u8]) -> Result<Option<usize>, ()> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(()),
+    }
+}
+
+// Made once per request and taken apart at once; boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Prepared {
+    Forward(RequestHead),
+    Fallback,
+    Local(StatusCode, &'static str),
+}
+
+/// Headers that describe the connection, not the message (RFC 9110 §7.6.1). `te` is kept when it
+/// is exactly `trailers` (gRPC); `transfer-encoding` is kept because the body goes through with
+/// its framing unchanged.
+fn hop_by_hop(name: &str) -> bool {
+    const NAMES: [&str; 6] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "upgrade",
+    ];
+    NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// Splits a request target into (authority of an absolute-form URI, origin-form path+query).
+fn split_target(raw: &str) -> (Option<&str>, &str) {
+    let rest = if raw.len() > 7 && raw[..7].eq_ignore_ascii_case("http://") {
+        &raw[7..]
+    } else if raw.len() > 8 && raw[..8].eq_ignore_ascii_case("https://") {
+        &raw[8..]
+    } else {
+        return (None, raw);
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let path = &rest[end..];
+    (Some(&rest[..end]), if path.is_empty() { "/" } else { path })
+}
+
+/// The request's headers as the propagators read them.
+struct RawHeaders<'a>(&'a [httparse::Header<'a>]);
+
+impl Extractor for RawHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(key))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|h| h.name).collect()
+    }
+}
+
+fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
+    let shared = &conn.shared;
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    if !matches!(req.parse(buf), Ok(httparse::Status::Complete(_))) {
+        return Prepared::Fallback;
+    }
+    let (Some(method), Some(raw_target), Some(1)) = (req.method, req.path, req.version) else {
+        return Prepared::Fallback;
+    };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+        return Prepared::Fallback;
+    };
+    if method == Method::CONNECT {
+        return Prepared::Fallback;
+    }
+    let mut framing = Framing::None;
+    let mut client_close = false;
+    let mut host = None;
+    let mut user_agent = None;
+    let mut listed = false;
+    let mut content_length: Option<u64> = None;
+    for h in req.headers.iter() {
+        let name = h.name;
+        let Ok(value) = std::str::from_utf8(h.value) else {
+            if name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case("connection") {
+                return Prepared::Fallback;
+            }
+            continue;
+        };
+        if name.eq_ignore_ascii_case("host") {
+            if host.is_some() {
+                return Prepared::Fallback;
+            }
+            host = Some(value.trim());
+        } else if name.eq_ignore_ascii_case("user-agent") {
+            user_agent = Some(value);
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let Ok(n) = value.trim().parse::<u64>() else {
+                return Prepared::Fallback;
+            };
+            if content_length.is_some_and(|c| c != n) {
+                return Prepared::Fallback;
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            if framing == Framing::Chunked || !value.trim().eq_ignore_ascii_case("chunked") {
+                return Prepared::Fallback;
+            }
+            framing = Framing::Chunked;
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    client_close = true;
+                } else if token.eq_ignore_ascii_case("upgrade") {
+                    return Prepared::Fallback;
+                } else if !token.eq_ignore_ascii_case("keep-alive") && !token.is_empty() {
+                    listed = true;
+                }
+            }
+        } else if name.eq_ignore_ascii_case("upgrade") || name.eq_ignore_ascii_case("expect") {
+            return Prepared::Fallback;
+        }
+    }
+    match (framing, content_length) {
+        (Framing::Chunked, Some(_)) => return Prepared::Fallback,
+        (Framing::None, Some(n)) if n > 0 => framing = Framing::Length(n),
+        _ => {}
+    }
+    // Headers named in `Connection` are rare; hyper strips them.
+    if listed {
+        return Prepared::Fallback;
+    }
+    let (uri_authority, path_and_query) = split_target(raw_target);
+    // Forward-proxy routing: absolute-form URI, else Host.
+    let routed: Option<(String, u16)> = match &conn.target {
+        Some(_) => None,
+        None if shared.direction == Direction::Outbound => {
+            let authority = uri_authority
+                .or(host)
+                .and_then(|a| a.parse::<http::uri::Authority>().ok());
+            match authority {
+                Some(a) => {
+                    let host = a.host().trim_matches(|c| c == '[' || c == ']');
+                    let port = a.port_u16().unwrap_or(80);
+                    if port == shared.listen_port && crate::config::is_local_host(host) {
+                        // Forwarding to ourselves would open connections until fds run out.
+                        shared.telemetry.metrics.outbound.malformed.inc();
+                        return Prepared::Local(
+                            StatusCode::LOOP_DETECTED,
+                            "tracecar: the request is addressed to the proxy itself\n",
+                        );
+                    }
+                    Some((host.to_string(), port))
+                }
+                None => {
+                    shared.telemetry.metrics.outbound.malformed.inc();
+                    return Prepared::Local(
+                        StatusCode::BAD_REQUEST,
+                        "tracecar: request names no destination (absolute URI or Host header)\n",
+                    );
+                }
+            }
+        }
+        None => None,
+    };
+    let info = RequestInfo {
+        method: &method,
+        path: path_and_query.split('?').next().unwrap_or(path_and_query),
+        scheme: "http",
+        version: Version::HTTP_11,
+        server_address: routed.as_ref().map(|(h, _)| h.as_str()),
+        server_port: routed.as_ref().map(|(_, p)| *p),
+        client_address: (shared.direction == Direction::Inbound).then(|| conn.peer.ip()),
+        host,
+        user_agent,
+    };
+    let mut injected = Injected::default();
+    let extractor = RawHeaders(req.headers);
+    let mut span = match shared.direction {
+        Direction::Inbound => shared
+            .telemetry
+            .server_span_with(info, &extractor, &mut injected),
+        Direction::Outbound => shared
+            .telemetry
+            .client_span_with(info, &extractor, &mut injected),
+    };
+    let target = match (&conn.target, routed) {
+        (Some(t), _) => t.clone(),
+        (None, Some((h, p))) if h.contains(':') => format!("[{h}]:{p}"),
+        (None, Some((h, p))) => format!("{h}:{p}"),
+        (None, None) => {
+            let e = ForwardError::NoTarget("not redirected and TRACECAR_INBOUND_TARGET is unset");
+            span.set_status(StatusCode::BAD_GATEWAY);
+            span.fail(e.error_type(), e.to_string());
+            return Prepared::Local(
+                StatusCode::BAD_GATEWAY,
+                "tracecar: no destination for the request: not redirected and TRACECAR_INBOUND_TARGET is unset\n",
+            );
+        }
+    };
+    // The head for the app: origin-form target, connection headers dropped, propagation
+    // headers replaced by the proxy span's.
+    let mut out = Vec::with_capacity(head_len + 128);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path_and_query.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    if host.is_none() {
+        out.extend_from_slice(b"host: ");
+        out.extend_from_slice(uri_authority.unwrap_or(&target).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    for h in req.headers.iter() {
+        if hop_by_hop(h.name)
+            || injected.replaces(h.name)
+            || (h.name.eq_ignore_ascii_case("te") && !h.value.eq_ignore_ascii_case(b"trailers"))
+        {
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    for (k, v) in &injected.0 {
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Prepared::Forward(RequestHead {
+        framing,
+        client_close,
+        head_request: method == Method::HEAD,
+        out,
+        target,
+        span,
+    })
+}
+
+/// Forwards one request and its response. `Ok(true)`: the client connection can carry another
+/// request; `Ok(false)`: close it after this one; `Err`: it broke (the app connection too).
+async fn exchange(
+    conn: &Conn,
+    client: &mut TcpStream,
+    inbuf: &mut BytesMut,
+    up: &mut Option<Upstream>,
+    pool: &IdlePool,
+    head: RequestHead,
+) -> Result<bool, ()> {
+    let RequestHead {
+        framing,
+        client_close,
+        head_request,
+        mut out,
+        target,
+        mut span,
+        ..
+    } = head;
+    // The body bytes already read go out with the head, in one write.
+    let mut body = BodyState::new(framing);
+    let taken = body.scan(inbuf).map_err(|_| ())?;
+    out.extend_from_slice(&inbuf[..taken]);
+    inbuf.advance(taken);
+    let replayable = body.done();
+    // 3. An app connection, then the request.
+    let mut attempt = 0;
+    let resp_head = loop {
+        attempt += 1;
+        if up.as_ref().is_some_and(|u| u.target != target) {
+            if let Some(old) = up.take() {
+                if old.buf.is_empty() {
+                    pool.put(old.target, old.stream);
+                }
+            }
+        }
+        if up.is_none() {
+            match connect(conn, pool, &target).await {
+                Ok(u) => *up = Some(u),
+                Err(e) => {
+                    span.set_status(StatusCode::BAD_GATEWAY);
+                    span.fail(e.error_type(), e.to_string());
+                    drop(span);
+                    let message = format!("tracecar: {e}\n");
+                    let _ = write_local(client, StatusCode::BAD_GATEWAY, &message).await;
+                    return Ok(replayable && !client_close);
+                }
+            }
+        }
+        let Some(u) = up.as_mut() else { return Err(()) };
+        let sent = async {
+            u.stream.write_all(&out).await?;
+            if !body.done() {
+                copy_body(client, inbuf, &mut u.stream, &mut body).await?;
+            }
+            read_response_head(u, client).await
+        }
+        .await;
+        match sent {
+            Ok(h) => break h,
+            Err(e) => {
+                let was_reused = u.reused;
+                *up = None;
+                // An idle connection the app had closed: try once more on a fresh one.
+                if was_reused
+                    && replayable
+                    && attempt == 1
+                    && e.kind() != io::ErrorKind::InvalidData
+                {
+                    continue;
+                }
+                let e = ForwardError::Upstream {
+                    target: target.clone(),
+                    message: e.to_string(),
+                };
+                span.set_status(StatusCode::BAD_GATEWAY);
+                span.fail(e.error_type(), e.to_string());
+                drop(span);
+                let message = format!("tracecar: {e}\n");
+                let _ = write_local(client, StatusCode::BAD_GATEWAY, &message).await;
+                return Ok(body.done() && !client_close);
+            }
+        }
+    };
+    let Some(u) = up.as_mut() else { return Err(()) };
+    u.reused = true;
+    // 4. The response: head rewritten, body copied through with its framing.
+    span.set_status(StatusCode::from_u16(resp_head.status).unwrap_or(StatusCode::BAD_GATEWAY));
+    let resp_framing = if head_request || resp_head.status == 204 || resp_head.status == 304 {
+        Framing::None
+    } else {
+        resp_head.framing
+    };
+    let close_client = client_close || resp_framing == Framing::Close;
+    out.clear();
+    write_response_head(&mut out, &u.buf[..resp_head.head_len], close_client);
+    u.buf.advance(resp_head.head_len);
+    let mut rbody = BodyState::new(resp_framing);
+    let Ok(taken) = rbody.scan(&u.buf) else {
+        span.fail(
+            "response_body_error",
+            "malformed chunked response body".into(),
+        );
+        return Err(());
+    };
+    out.extend_from_slice(&u.buf[..taken]);
+    u.buf.advance(taken);
+    if client.write_all(&out).await.is_err() {
+        return Err(());
+    }
+    if !rbody.done() {
+        if let Err(e) = copy_body(&mut u.stream, &mut u.buf, client, &mut rbody).await {
+            if resp_framing != Framing::Close || e.kind() != io::ErrorKind::UnexpectedEof {
+                span.fail("response_body_error", e.to_string());
+                return Err(());
+            }
+        }
+    }
+    drop(span);
+    if resp_framing == Framing::Close || !resp_head.keep_alive || !u.buf.is_empty() {
+        // The app closes after this response, or sent more than it should have.
+        *up = None;
+    }
+    Ok(!close_client)
+}
+
+async fn connect(conn: &Conn, pool: &IdlePool, target: &str) -> Result<Upstream, ForwardError> {
+    if let Some(stream) = pool.take(target) {
+        return Ok(Upstream {
+            target: target.to_string(),
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            reused: true,
+        });
+    }
+    let connect = tokio::time::timeout(conn.shared.connect_timeout, TcpStream::connect(target));
+    match connect.await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(Upstream {
+                target: target.to_string(),
+                stream,
+                buf: BytesMut::with_capacity(READ_CHUNK),
+                reused: false,
+            })
+        }
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            Err(ForwardError::Refused(target.to_string()))
+        }
+        Ok(Err(e)) => Err(ForwardError::Connect {
+            target: target.to_string(),
+            message: e.to_string(),
+        }),
+        Err(_) => Err(ForwardError::Timeout(target.to_string())),
+    }
+}
+
+struct ResponseHead {
+    head_len: usize,
+    status: u16,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+fn invalid(message: &'static str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message)
+}
+
+/// Reads the app's response head into `u.buf`; informational (1xx) responses are passed to the
+/// client as they come.
+async fn read_response_head(u: &mut Upstream, client: &mut TcpStream) -> io::Result<ResponseHead> {
+    loop {
+        if !u.buf.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            match resp.parse(&u.buf) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let status = resp.code.unwrap_or(0);
+                    if (100..200).contains(&status) && status != 101 {
+                        client.write_all(&u.buf[..n]).await?;
+                        u.buf.advance(n);
+                        continue;
+                    }
+                    if status == 101 || !(200..600).contains(&status) {
+                        return Err(invalid("unexpected status from the app"));
+                    }
+                    let mut framing = Framing::Close;
+                    let mut keep_alive = resp.version == Some(1);
+                    for h in resp.headers.iter() {
+                        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                            // Chunked must be the last coding; otherwise the body ends at close.
+                            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+                            framing = if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                                Framing::Chunked
+                            } else {
+                                Framing::Close
+                            };
+                        } else if h.name.eq_ignore_ascii_case("content-length")
+                            && framing != Framing::Chunked
+                        {
+                            let n = std::str::from_utf8(h.value)
+                                .ok()
+                                .and_then(|v| v.trim().parse::<u64>().ok())
+                                .ok_or_else(|| invalid("bad content-length from the app"))?;
+                            framing = Framing::Length(n);
+                        } else if h.name.eq_ignore_ascii_case("connection") {
+                            for t in h.value.split(|b| *b == b',') {
+                                let t = t.trim_ascii();
+                                if t.eq_ignore_ascii_case(b"close") {
+                                    keep_alive = false;
+                                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                                    keep_alive = true;
+                                }
+                            }
+                        }
+                    }
+                    if framing == Framing::Length(0) {
+                        framing = Framing::None;
+                    }
+                    return Ok(ResponseHead {
+                        head_len: n,
+                        status,
+                        framing,
+                        keep_alive: keep_alive && framing != Framing::Close,
+                    });
+                }
+                Ok(httparse::Status::Partial) if u.buf.len() <= MAX_HEAD => {}
+                _ => return Err(invalid("malformed response head from the app")),
+            }
+        }
+        if u.buf.capacity() - u.buf.len() < READ_CHUNK / 4 {
+            u.buf.reserve(READ_CHUNK);
+        }
+        if u.stream.read_buf(&mut u.buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the app closed the connection before responding",
+            ));
+        }
+    }
+}
+
+/// The client's response head: `HTTP/1.1`, connection headers dropped, `connection: close`
+/// when this is the connection's last response.
+fn write_response_head(out: &mut Vec<u8>, head: &[u8], close: bool) {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    // Parsed once already; this cannot fail.
+    let _ = resp.parse(head);
+    let code = resp.code.unwrap_or(502);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa3(code).as_slice());
+    out.push(b' ');
+    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for h in resp.headers.iter() {
+        if hop_by_hop(h.name) || h.name.eq_ignore_ascii_case("te") {
+            continue;
+        }
+        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value);
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn itoa3(code: u16) -> [u8; 3] {
+    [
+        b'0' + (code / 100 % 10) as u8,
+        b'0' + (code / 10 % 10) as u8,
+        b'0' + (code % 10) as u8,
+    ]
+}
+
+/// A response made by the proxy itself (502, 400, 508).
+async fn write_local(client: &mut TcpStream, status: StatusCode, message: &str) -> io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\nx-tracecar-error: 1\r\ncontent-length: {}\r\n\r\n",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        message.len()
+    );
+    let mut out = head.into_bytes();
+    out.extend_from_slice(message.as_bytes());
+    client.write_all(&out).await
+}
+
+/// Copies the rest of a body from `from` to `to`, through `buf`, until `state` says it ended.
+async fn copy_body(
+    from: &mut TcpStream,
+    buf: &mut BytesMut,
+    to: &mut TcpStream,
+    state: &mut BodyState,
+) -> io::Result<()> {
+    while !state.done() {
+        if buf.is_empty() {
+            if buf.capacity() < READ_CHUNK {
+                buf.reserve(READ_CHUNK);
+            }
+            if from.read_buf(buf).await? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection in the middle of a body",
+                ));
+            }
+        }
+        let n = state
+            .scan(buf)
+            .map_err(|_| invalid("malformed chunked body"))?;
+        to.write_all(&buf[..n]).await?;
+        buf.advance(n);
+    }
+    Ok(())
+}
+
+/// Where a body copy stands: how much is left, or where in the chunked encoding it is.
+#[derive(Debug)]
+enum BodyState {
+    Length(u64),
+    Chunked(Chunk),
+    Close,
+    Done,
+}
+
+/// The chunked decoder's states (RFC 9112 §7.1); only positions are tracked, the bytes pass
+/// through unchanged.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Chunk {
+    Size { n: u64, digits: bool },
+    Ext(u64),
+    SizeLf(u64),
+    Data(u64),
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+}
+
+impl BodyState {
+    fn new(framing: Framing) -> Self {
+        match framing {
+            Framing::None | Framing::Length(0) => BodyState::Done,
+            Framing::Length(n) => BodyState::Length(n),
+            Framing::Chunked => BodyState::Chunked(Chunk::Size {
+                n: 0,
+                digits: false,
+            }),
+            Framing::Close => BodyState::Close,
+        }
+    }
+
+    fn done(&self) -> bool {
+        matches!(self, BodyState::Done)
+    }
+
+    /// How many bytes at the start of `buf` belong to the body; moves past them.
+    fn scan(&mut self, buf: &[u8]) -> Result<usize, ()> {
+        match self {
+            BodyState::Done => Ok(0),
+            BodyState::Close => Ok(buf.len()),
+            BodyState::Length(left) => {
+                let n = (*left).min(buf.len() as u64);
+                *left -= n;
+                if *left == 0 {
+                    *self = BodyState::Done;
+                }
+                Ok(n as usize)
+            }
+            BodyState::Chunked(chunk) => {
+                let mut i = 0;
+                while i < buf.len() {
+                    let b = buf[i];
+                    *chunk = match *chunk {
+                        Chunk::Size { n, digits } => match (b as char).to_digit(16) {
+                            Some(d) => {
+                                let n = n
+                                    .checked_mul(16)
+                                    .and_then(|n| n.checked_add(d as u64))
+                                    .ok_or(())?;
+                                Chunk::Size { n, digits: true }
+                            }
+                            None if !digits => return Err(()),
+                            None if b == b'\r' => Chunk::SizeLf(n),
+                            // Extensions are ignored (and copied through).
+                            None if b == b';' || b == b' ' || b == b'\t' => Chunk::Ext(n),
+                            None => return Err(()),
+                        },
+                        Chunk::Ext(n) => match b {
+                            b'\r' => Chunk::SizeLf(n),
+                            _ => Chunk::Ext(n),
+                        },
+                        Chunk::SizeLf(n) => match (b, n) {
+                            (b'\n', 0) => Chunk::TrailerStart,
+                            (b'\n', n) => Chunk::Data(n),
+                            _ => return Err(()),
+                        },
+                        Chunk::Data(left) => {
+                            let n = left.min((buf.len() - i) as u64);
+                            i += n as usize;
+                            *chunk = if left == n {
+                                Chunk::DataCr
+                            } else {
+                                Chunk::Data(left - n)
+                            };
+                            continue;
+                        }
+                        Chunk::DataCr if b == b'\r' => Chunk::DataLf,
+                        Chunk::DataLf if b == b'\n' => Chunk::Size {
+                            n: 0,
+                            digits: false,
+                        },
+                        Chunk::TrailerStart if b == b'\r' => Chunk::EndLf,
+                        Chunk::TrailerStart | Chunk::Trailer if b != b'\r' => Chunk::Trailer,
+                        Chunk::Trailer => Chunk::TrailerLf,
+                        Chunk::TrailerLf if b == b'\n' => Chunk::TrailerStart,
+                        Chunk::EndLf if b == b'\n' => {
+                            *self = BodyState::Done;
+                            return Ok(i + 1);
+                        }
+                        _ => return Err(()),
+                    };
+                    i += 1;
+                }
+                Ok(i)
+            }
+        }
+    }
+}
