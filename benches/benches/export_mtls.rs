@@ -171,14 +171,11 @@ fn exporter_part(pki: &Pki, secs: u64) {
                     .with_service_name("bench")
                     .build(),
             );
-            exporter
-                .export(batch.clone())
-                .await
-                .expect("warm-up export");
+            exporter.export(&batch).await.expect("warm-up export");
             let (start, cpu0) = (Instant::now(), thread_cpu());
             let mut n = 0u64;
             while start.elapsed() < Duration::from_secs(secs) {
-                exporter.export(batch.clone()).await.expect("export");
+                exporter.export(&batch).await.expect("export");
                 n += batch.len() as u64;
             }
             (n, start.elapsed(), thread_cpu() - cpu0)

@@ -2,8 +2,10 @@
 //!
 //! We use our own span processor rather than the SDK's `BatchSpanProcessor` because the proxy
 //! must count every dropped span by reason, report export health, and honour the collector's
-//! retry hints, none of which the SDK's processor exposes. The exporters themselves are the
-//! SDK's (`opentelemetry-otlp`), and the processor plugs into `SdkTracerProvider`.
+//! retry hints, none of which the SDK's processor exposes. Spans are still the SDK's
+//! (`SdkTracerProvider`, samplers, `SpanData`); the OTLP exporter ([`super::otlp`]) encodes them
+//! itself ([`super::encode`]) and sends over tonic or hyper, because opentelemetry-otlp's
+//! conversion cost more CPU per span than the rest of the proxy's request path.
 //!
 //! The app's requests only ever pay a `try_send` into the queue: a full queue drops the span
 //! (counted), it never waits.
@@ -66,17 +68,17 @@ pub enum Exporter {
 }
 
 impl Exporter {
-    async fn export(&mut self, batch: Vec<SpanData>) -> Result<(), ExportFailure> {
+    async fn export(&mut self, batch: &[SpanData]) -> Result<(), ExportFailure> {
         match self {
             Exporter::Otlp(e) => e.export(batch).await,
-            Exporter::Console(e) => e.export(batch).await.map_err(|e| ExportFailure {
+            Exporter::Console(e) => e.export(batch.to_vec()).await.map_err(|e| ExportFailure {
                 retry: Retry::Never,
                 reason: "export_failed",
                 message: e.to_string(),
             }),
             Exporter::Channel { tx, service } => {
                 for span in batch {
-                    let _ = tx.send((service.clone(), span));
+                    let _ = tx.send((service.clone(), span.clone()));
                 }
                 Ok(())
             }
@@ -359,7 +361,7 @@ async fn export_batch(
     let n = batch.len() as u64;
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let attempt = tokio::time::timeout(attempt_timeout, exporter.export(batch.clone()));
+        let attempt = tokio::time::timeout(attempt_timeout, exporter.export(&batch));
         let failure = match attempt.await {
             Ok(Ok(())) => {
                 metrics.spans_exported.inc_by(n);

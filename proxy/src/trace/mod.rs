@@ -8,6 +8,7 @@
 
 pub mod console;
 pub mod correlate;
+pub mod encode;
 pub mod export;
 pub mod otlp;
 pub mod propagate;
