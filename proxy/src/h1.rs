@@ -28,8 +28,11 @@ use crate::metrics::Direction;
 use crate::trace::span::{Injected, RequestInfo};
 use crate::trace::RequestSpan;
 
-/// Heads with more headers than this go to hyper (which allows about 100).
+/// Request heads with more headers than this go to hyper (which allows about 100).
 const MAX_HEADERS: usize = 64;
+/// Response heads are parsed again with room for this many when they have more than
+/// [`MAX_HEADERS`] (long `set-cookie` lists); there is no hyper fallback for a response.
+const MAX_RESPONSE_HEADERS: usize = 1024;
 /// A head still incomplete after this many bytes goes to hyper, which refuses it.
 const MAX_HEAD: usize = 64 * 1024;
 /// The least free space offered to each read.
@@ -99,6 +102,9 @@ struct RequestHead {
     framing: Framing,
     client_close: bool,
     head_request: bool,
+    /// Safe to send twice (RFC 9110 §9.2.2), so a request lost with a dead app connection can be
+    /// retried.
+    idempotent: bool,
     /// Bytes of the head to send to the app, rewritten.
     out: Vec<u8>,
     target: String,
@@ -212,6 +218,15 @@ fn hop_by_hop(name: &str) -> bool {
     NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
 }
 
+/// A `content-length` value: ASCII digits (optional surrounding whitespace), nothing else.
+fn content_length_value(v: &[u8]) -> Option<u64> {
+    let v = v.trim_ascii();
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
 /// Splits a request target into (authority of an absolute-form URI, origin-form path+query).
 fn split_target(raw: &str) -> (Option<&str>, &str) {
     let rest = if raw.len() > 7 && raw[..7].eq_ignore_ascii_case("http://") {
@@ -222,8 +237,8 @@ fn split_target(raw: &str) -> (Option<&str>, &str) {
         return (None, raw);
     };
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let path = &rest[end..];
-    (Some(&rest[..end]), if path.is_empty() { "/" } else { path })
+    // `http://host?q` has an empty path: the caller writes the "/" (RFC 9112 §3.2.1).
+    (Some(&rest[..end]), &rest[end..])
 }
 
 /// The request's headers as the propagators read them.
@@ -267,7 +282,9 @@ fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
     for h in req.headers.iter() {
         let name = h.name;
         let Ok(value) = std::str::from_utf8(h.value) else {
-            if name.eq_ignore_ascii_case("host") || name.eq_ignore_ascii_case("connection") {
+            const MUST_READ: [&str; 4] =
+                ["host", "connection", "content-length", "transfer-encoding"];
+            if MUST_READ.iter().any(|n| n.eq_ignore_ascii_case(name)) {
                 return Prepared::Fallback;
             }
             continue;
@@ -280,7 +297,8 @@ fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
         } else if name.eq_ignore_ascii_case("user-agent") {
             user_agent = Some(value);
         } else if name.eq_ignore_ascii_case("content-length") {
-            let Ok(n) = value.trim().parse::<u64>() else {
+            // Digits only: `+5` or `5, 5` would let the app frame the body differently.
+            let Some(n) = content_length_value(value.as_bytes()) else {
                 return Prepared::Fallback;
             };
             if content_length.is_some_and(|c| c != n) {
@@ -350,7 +368,10 @@ fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
     };
     let info = RequestInfo {
         method: &method,
-        path: path_and_query.split('?').next().unwrap_or(path_and_query),
+        path: match path_and_query.split('?').next() {
+            Some(p) if !p.is_empty() => p,
+            _ => "/",
+        },
         scheme: "http",
         version: Version::HTTP_11,
         server_address: routed.as_ref().map(|(h, _)| h.as_str()),
@@ -388,6 +409,9 @@ fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
     let mut out = Vec::with_capacity(head_len + 128);
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
+    if !path_and_query.starts_with('/') && path_and_query != "*" {
+        out.push(b'/');
+    }
     out.extend_from_slice(path_and_query.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     if host.is_none() {
@@ -418,6 +442,15 @@ fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
         framing,
         client_close,
         head_request: method == Method::HEAD,
+        idempotent: matches!(
+            method,
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        ),
         out,
         target,
         span,
@@ -438,10 +471,10 @@ async fn exchange(
         framing,
         client_close,
         head_request,
+        idempotent,
         mut out,
         target,
         mut span,
-        ..
     } = head;
     // The body bytes already read go out with the head, in one write.
     let mut body = BodyState::new(framing);
@@ -460,8 +493,13 @@ async fn exchange(
                 }
             }
         }
+        if up.as_ref().is_some_and(|u| looks_closed(&u.stream)) {
+            // The app closed it while it sat idle: never send a request into it.
+            *up = None;
+        }
         if up.is_none() {
-            match connect(conn, pool, &target).await {
+            // A retry goes to a new connection: the pool may hold more of the dead ones.
+            match connect(conn, pool, &target, attempt > 1).await {
                 Ok(u) => *up = Some(u),
                 Err(e) => {
                     span.set_status(StatusCode::BAD_GATEWAY);
@@ -479,20 +517,23 @@ async fn exchange(
             if !body.done() {
                 copy_body(client, inbuf, &mut u.stream, &mut body).await?;
             }
-            read_response_head(u, client).await
+            read_response_head(u, client, head_request).await
         }
         .await;
         match sent {
             Ok(h) => break h,
             Err(e) => {
-                let was_reused = u.reused;
-                *up = None;
-                // An idle connection the app had closed: try once more on a fresh one.
-                if was_reused
+                // The app closed a reused connection just as the request went out (a race the
+                // idle check cannot see): send it again on a new one, if it is safe to repeat and
+                // nothing of a response came back.
+                let retry = u.reused
+                    && u.buf.is_empty()
                     && replayable
+                    && idempotent
                     && attempt == 1
-                    && e.kind() != io::ErrorKind::InvalidData
-                {
+                    && e.kind() != io::ErrorKind::InvalidData;
+                *up = None;
+                if retry {
                     continue;
                 }
                 let e = ForwardError::Upstream {
@@ -512,11 +553,7 @@ async fn exchange(
     u.reused = true;
     // 4. The response: head rewritten, body copied through with its framing.
     span.set_status(StatusCode::from_u16(resp_head.status).unwrap_or(StatusCode::BAD_GATEWAY));
-    let resp_framing = if head_request || resp_head.status == 204 || resp_head.status == 304 {
-        Framing::None
-    } else {
-        resp_head.framing
-    };
+    let resp_framing = resp_head.framing;
     let close_client = client_close || resp_framing == Framing::Close;
     out.clear();
     write_response_head(&mut out, &u.buf[..resp_head.head_len], close_client);
@@ -550,8 +587,17 @@ async fn exchange(
     Ok(!close_client)
 }
 
-async fn connect(conn: &Conn, pool: &IdlePool, target: &str) -> Result<Upstream, ForwardError> {
-    if let Some(stream) = pool.take(target) {
+/// An app connection to `target`: a live idle one from the pool unless `fresh`, else a new one.
+async fn connect(
+    conn: &Conn,
+    pool: &IdlePool,
+    target: &str,
+    fresh: bool,
+) -> Result<Upstream, ForwardError> {
+    while let Some(stream) = (!fresh).then(|| pool.take(target)).flatten() {
+        if looks_closed(&stream) {
+            continue;
+        }
         return Ok(Upstream {
             target: target.to_string(),
             stream,
@@ -581,6 +627,46 @@ async fn connect(conn: &Conn, pool: &IdlePool, target: &str) -> Result<Upstream,
     }
 }
 
+/// True when an idle app connection has been closed by the app (or has unexpected bytes).
+/// Costs no system call unless the reactor has seen the socket become readable.
+fn looks_closed(stream: &TcpStream) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        std::task::Poll::Pending => false,
+        std::task::Poll::Ready(Err(_)) => true,
+        std::task::Poll::Ready(Ok(())) => {
+            let mut byte = [0u8; 1];
+            !matches!(stream.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        }
+    }
+}
+
+/// Parses a response head, again with room for [`MAX_RESPONSE_HEADERS`] when it has many.
+fn parse_response<'b, R>(
+    buf: &'b [u8],
+    f: impl FnOnce(Result<httparse::Status<usize>, httparse::Error>, &httparse::Response<'_, 'b>) -> R,
+) -> R {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Err(httparse::Error::TooManyHeaders) => {
+            let mut many = vec![httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+            let mut resp = httparse::Response::new(&mut many);
+            let parsed = resp.parse(buf);
+            f(parsed, &resp)
+        }
+        parsed => f(parsed, &resp),
+    }
+}
+
+/// What the app's bytes so far say.
+enum ResponseStart {
+    /// A 1xx of this many bytes, for the client as it is.
+    Informational(usize),
+    Final(ResponseHead),
+    Partial,
+}
+
 struct ResponseHead {
     head_len: usize,
     status: u16,
@@ -593,65 +679,27 @@ fn invalid(message: &'static str) -> io::Error {
 }
 
 /// Reads the app's response head into `u.buf`; informational (1xx) responses are passed to the
-/// client as they come.
-async fn read_response_head(u: &mut Upstream, client: &mut TcpStream) -> io::Result<ResponseHead> {
+/// client as they come. `head_request`: the response has no body whatever it says.
+async fn read_response_head(
+    u: &mut Upstream,
+    client: &mut TcpStream,
+    head_request: bool,
+) -> io::Result<ResponseHead> {
     loop {
         if !u.buf.is_empty() {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut headers);
-            match resp.parse(&u.buf) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let status = resp.code.unwrap_or(0);
-                    if (100..200).contains(&status) && status != 101 {
-                        client.write_all(&u.buf[..n]).await?;
-                        u.buf.advance(n);
-                        continue;
-                    }
-                    if status == 101 || !(200..600).contains(&status) {
-                        return Err(invalid("unexpected status from the app"));
-                    }
-                    let mut framing = Framing::Close;
-                    let mut keep_alive = resp.version == Some(1);
-                    for h in resp.headers.iter() {
-                        if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                            // Chunked must be the last coding; otherwise the body ends at close.
-                            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-                            framing = if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                                Framing::Chunked
-                            } else {
-                                Framing::Close
-                            };
-                        } else if h.name.eq_ignore_ascii_case("content-length")
-                            && framing != Framing::Chunked
-                        {
-                            let n = std::str::from_utf8(h.value)
-                                .ok()
-                                .and_then(|v| v.trim().parse::<u64>().ok())
-                                .ok_or_else(|| invalid("bad content-length from the app"))?;
-                            framing = Framing::Length(n);
-                        } else if h.name.eq_ignore_ascii_case("connection") {
-                            for t in h.value.split(|b| *b == b',') {
-                                let t = t.trim_ascii();
-                                if t.eq_ignore_ascii_case(b"close") {
-                                    keep_alive = false;
-                                } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                                    keep_alive = true;
-                                }
-                            }
-                        }
-                    }
-                    if framing == Framing::Length(0) {
-                        framing = Framing::None;
-                    }
-                    return Ok(ResponseHead {
-                        head_len: n,
-                        status,
-                        framing,
-                        keep_alive: keep_alive && framing != Framing::Close,
-                    });
+            match parse_response(&u.buf, |parsed, resp| {
+                response_start(parsed, resp, head_request)
+            })? {
+                ResponseStart::Informational(n) => {
+                    client.write_all(&u.buf[..n]).await?;
+                    u.buf.advance(n);
+                    continue;
                 }
-                Ok(httparse::Status::Partial) if u.buf.len() <= MAX_HEAD => {}
-                _ => return Err(invalid("malformed response head from the app")),
+                ResponseStart::Final(head) => return Ok(head),
+                ResponseStart::Partial if u.buf.len() <= MAX_HEAD => {}
+                ResponseStart::Partial => {
+                    return Err(invalid("response head from the app too large"))
+                }
             }
         }
         if u.buf.capacity() - u.buf.len() < READ_CHUNK / 4 {
@@ -666,21 +714,90 @@ async fn read_response_head(u: &mut Upstream, client: &mut TcpStream) -> io::Res
     }
 }
 
+fn response_start(
+    parsed: Result<httparse::Status<usize>, httparse::Error>,
+    resp: &httparse::Response<'_, '_>,
+    head_request: bool,
+) -> io::Result<ResponseStart> {
+    let n = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(ResponseStart::Partial),
+        Err(_) => return Err(invalid("malformed response head from the app")),
+    };
+    let status = resp.code.unwrap_or(0);
+    if (100..200).contains(&status) && status != 101 {
+        return Ok(ResponseStart::Informational(n));
+    }
+    if status == 101 || !(200..600).contains(&status) {
+        return Err(invalid("unexpected status from the app"));
+    }
+    let mut framing = Framing::Close;
+    let mut keep_alive = resp.version == Some(1);
+    for h in resp.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked must be the last coding; otherwise the body ends at close.
+            let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+            framing = if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                Framing::Chunked
+            } else {
+                Framing::Close
+            };
+        } else if h.name.eq_ignore_ascii_case("content-length") && framing != Framing::Chunked {
+            let n = content_length_value(h.value)
+                .ok_or_else(|| invalid("bad content-length from the app"))?;
+            framing = Framing::Length(n);
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            for t in h.value.split(|b| *b == b',') {
+                let t = t.trim_ascii();
+                if t.eq_ignore_ascii_case(b"close") {
+                    keep_alive = false;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                }
+            }
+        }
+    }
+    // RFC 9112 §6.3: these never have a body, whatever the headers say.
+    if head_request || status == 204 || status == 304 || framing == Framing::Length(0) {
+        framing = Framing::None;
+    }
+    Ok(ResponseStart::Final(ResponseHead {
+        head_len: n,
+        status,
+        framing,
+        keep_alive: keep_alive && framing != Framing::Close,
+    }))
+}
+
 /// The client's response head: `HTTP/1.1`, connection headers dropped, `connection: close`
 /// when this is the connection's last response.
 fn write_response_head(out: &mut Vec<u8>, head: &[u8], close: bool) {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut headers);
     // Parsed once already; this cannot fail.
-    let _ = resp.parse(head);
+    parse_response(head, |_, resp| write_parsed_response_head(out, resp, close));
+}
+
+fn write_parsed_response_head(out: &mut Vec<u8>, resp: &httparse::Response<'_, '_>, close: bool) {
     let code = resp.code.unwrap_or(502);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa3(code).as_slice());
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
+    // Headers the app named in `Connection` belong to its hop only (rare: checked only then).
+    let tokens = || {
+        resp.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+            .flat_map(|h| h.value.split(|b| *b == b','))
+            .map(<[u8]>::trim_ascii)
+    };
+    let any_listed = tokens().any(|t| {
+        !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
+    });
+    let listed =
+        |name: &str| any_listed && tokens().any(|t| t.eq_ignore_ascii_case(name.as_bytes()));
     for h in resp.headers.iter() {
-        if hop_by_hop(h.name) || h.name.eq_ignore_ascii_case("te") {
+        if hop_by_hop(h.name) || h.name.eq_ignore_ascii_case("te") || listed(h.name) {
             continue;
         }
         out.extend_from_slice(h.name.as_bytes());
@@ -757,6 +874,7 @@ enum BodyState {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Chunk {
     Size { n: u64, digits: bool },
+    SizeWs(u64),
     Ext(u64),
     SizeLf(u64),
     Data(u64),
@@ -814,11 +932,20 @@ impl BodyState {
                             None if !digits => return Err(()),
                             None if b == b'\r' => Chunk::SizeLf(n),
                             // Extensions are ignored (and copied through).
-                            None if b == b';' || b == b' ' || b == b'\t' => Chunk::Ext(n),
+                            None if b == b';' => Chunk::Ext(n),
+                            None if b == b' ' || b == b'\t' => Chunk::SizeWs(n),
                             None => return Err(()),
                         },
+                        Chunk::SizeWs(n) => match b {
+                            b' ' | b'\t' => Chunk::SizeWs(n),
+                            b';' => Chunk::Ext(n),
+                            b'\r' => Chunk::SizeLf(n),
+                            _ => return Err(()),
+                        },
+                        // A bare LF would end the line for a lenient app but not for us.
                         Chunk::Ext(n) => match b {
                             b'\r' => Chunk::SizeLf(n),
+                            b'\n' => return Err(()),
                             _ => Chunk::Ext(n),
                         },
                         Chunk::SizeLf(n) => match (b, n) {
@@ -842,8 +969,10 @@ impl BodyState {
                             digits: false,
                         },
                         Chunk::TrailerStart if b == b'\r' => Chunk::EndLf,
-                        Chunk::TrailerStart | Chunk::Trailer if b != b'\r' => Chunk::Trailer,
-                        Chunk::Trailer => Chunk::TrailerLf,
+                        Chunk::TrailerStart | Chunk::Trailer if b != b'\r' && b != b'\n' => {
+                            Chunk::Trailer
+                        }
+                        Chunk::Trailer if b == b'\r' => Chunk::TrailerLf,
                         Chunk::TrailerLf if b == b'\n' => Chunk::TrailerStart,
                         Chunk::EndLf if b == b'\n' => {
                             *self = BodyState::Done;
@@ -856,5 +985,100 @@ impl BodyState {
                 Ok(i)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `input` to a chunked scanner in pieces of `step` bytes; returns how many bytes
+    /// belonged to the body, or None when it was refused.
+    fn scan_in_steps(input: &[u8], step: usize) -> Option<usize> {
+        let mut state = BodyState::new(Framing::Chunked);
+        let mut used = 0;
+        for piece in input.chunks(step) {
+            let n = state.scan(piece).ok()?;
+            used += n;
+            if state.done() {
+                return Some(used);
+            }
+            assert_eq!(n, piece.len(), "an unfinished body takes every byte");
+        }
+        None
+    }
+
+    #[test]
+    fn chunked_scanner_finds_the_end_however_the_bytes_arrive() {
+        let body = b"3;ext=1\r\nabc\r\n10 ; x\r\n0123456789abcdef\r\n0\r\nx-trailer: t\r\n\r\n";
+        let mut input = body.to_vec();
+        input.extend_from_slice(b"GET /next HTTP/1.1\r\n");
+        for step in 1..=input.len() {
+            assert_eq!(scan_in_steps(&input, step), Some(body.len()), "step {step}");
+        }
+    }
+
+    #[test]
+    fn chunked_scanner_refuses_what_could_be_read_two_ways() {
+        for bad in [
+            &b"3;x\nabc\r\n0\r\n\r\n"[..], // bare LF ends the extension
+            b"3\nabc\r\n0\r\n\r\n",        // bare LF after the size
+            b"3 x\r\nabc\r\n0\r\n\r\n",    // junk after the size
+            b"g\r\n",                      // not hex
+            b"3\r\nabcX\r\n",              // data longer than the size
+            b"0\r\nx-t: 1\n\r\n",          // bare LF in a trailer
+            b"fffffffffffffffff\r\n",      // overflows u64
+            b"\r\n",                       // no size at all
+        ] {
+            assert_eq!(
+                scan_in_steps(bad, bad.len()),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn length_framing_stops_at_the_length() {
+        let mut state = BodyState::new(Framing::Length(5));
+        assert_eq!(state.scan(b"abc"), Ok(3));
+        assert_eq!(state.scan(b"defgh"), Ok(2));
+        assert!(state.done());
+    }
+
+    #[test]
+    fn content_length_is_digits_only() {
+        assert_eq!(content_length_value(b" 42 "), Some(42));
+        for bad in [
+            &b"+5"[..],
+            b"-1",
+            b"5, 5",
+            b"",
+            b"0x10",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(content_length_value(bad), None, "{:?}", bad);
+        }
+    }
+
+    #[test]
+    fn absolute_targets_split_into_authority_and_origin_form() {
+        assert_eq!(split_target("/a?b"), (None, "/a?b"));
+        assert_eq!(split_target("http://h:81/a?b"), (Some("h:81"), "/a?b"));
+        assert_eq!(split_target("HTTP://h?q=1"), (Some("h"), "?q=1"));
+        assert_eq!(split_target("http://[::1]:8080"), (Some("[::1]:8080"), ""));
+        assert_eq!(split_target("*"), (None, "*"));
+    }
+
+    #[test]
+    fn response_heads_lose_connection_headers() {
+        let head = b"HTTP/1.0 200 OK\r\nConnection: keep-alive, x-h\r\nX-H: 1\r\nKeep-Alive: 5\r\nContent-Length: 2\r\n\r\n";
+        let mut out = Vec::new();
+        write_response_head(&mut out, head, true);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\n"
+        );
     }
 }

@@ -57,6 +57,10 @@ const KNOWN_KEYS: [&str; 9] = [
 
 impl Injector for Injected {
     fn set(&mut self, key: &str, value: String) {
+        // The W3C propagator writes `tracestate` even when there is none; an empty header is noise.
+        if value.is_empty() && key.eq_ignore_ascii_case("tracestate") {
+            return;
+        }
         let key = match KNOWN_KEYS.iter().find(|k| k.eq_ignore_ascii_case(key)) {
             Some(k) => Cow::Borrowed(*k),
             None => Cow::Owned(key.to_ascii_lowercase()),
