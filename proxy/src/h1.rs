@@ -180,8 +180,28 @@ pub async fn serve(
     }
     if matches!(outcome, Outcome::Done) {
         let _ = client.shutdown().await;
+        linger(client).await;
     }
     outcome
+}
+
+/// After closing our side, reads and discards what the client still sends (the rest of a body
+/// nobody will read), for a bounded time: closing a socket with unread input sends a reset, and
+/// the reset can destroy the response the client has not read yet.
+async fn linger(client: &mut TcpStream) {
+    const LINGER: Duration = Duration::from_secs(2);
+    const MAX_DISCARD: usize = 4 << 20;
+    let mut scratch = [0u8; 4096];
+    let mut discarded = 0;
+    let _ = tokio::time::timeout(LINGER, async {
+        while discarded < MAX_DISCARD {
+            match client.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// `Ok(Some(len))` when `buf` starts with a complete head, `Ok(None)` when more is needed.
@@ -484,6 +504,8 @@ async fn exchange(
     let replayable = body.done();
     // 3. An app connection, then the request.
     let mut attempt = 0;
+    // The app answered before it had the whole request body (413, 401, ...).
+    let mut early = false;
     let resp_head = loop {
         attempt += 1;
         if up.as_ref().is_some_and(|u| u.target != target) {
@@ -515,7 +537,18 @@ async fn exchange(
         let sent = async {
             u.stream.write_all(&out).await?;
             if !body.done() {
-                copy_body(client, inbuf, &mut u.stream, &mut body).await?;
+                // Full duplex, as an app may answer before reading the whole body: stop sending
+                // the body as soon as a response starts (or the app closes).
+                let (mut from_app, mut to_app) = u.stream.split();
+                let mut probe = [0u8; 1];
+                tokio::select! {
+                    biased;
+                    copied = copy_body(client, inbuf, &mut to_app, &mut body) => copied?,
+                    answered = from_app.peek(&mut probe) => {
+                        answered?;
+                        early = true;
+                    }
+                }
             }
             read_response_head(u, client, head_request).await
         }
@@ -554,7 +587,9 @@ async fn exchange(
     // 4. The response: head rewritten, body copied through with its framing.
     span.set_status(StatusCode::from_u16(resp_head.status).unwrap_or(StatusCode::BAD_GATEWAY));
     let resp_framing = resp_head.framing;
-    let close_client = client_close || resp_framing == Framing::Close;
+    // After an early answer the rest of the request body was never read: neither connection
+    // knows where the next message starts.
+    let close_client = client_close || resp_framing == Framing::Close || early;
     out.clear();
     write_response_head(&mut out, &u.buf[..resp_head.head_len], close_client);
     u.buf.advance(resp_head.head_len);
@@ -580,7 +615,7 @@ async fn exchange(
         }
     }
     drop(span);
-    if resp_framing == Framing::Close || !resp_head.keep_alive || !u.buf.is_empty() {
+    if resp_framing == Framing::Close || !resp_head.keep_alive || !u.buf.is_empty() || early {
         // The app closes after this response, or sent more than it should have.
         *up = None;
     }
@@ -834,9 +869,9 @@ async fn write_local(client: &mut TcpStream, status: StatusCode, message: &str) 
 
 /// Copies the rest of a body from `from` to `to`, through `buf`, until `state` says it ended.
 async fn copy_body(
-    from: &mut TcpStream,
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
     buf: &mut BytesMut,
-    to: &mut TcpStream,
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
     state: &mut BodyState,
 ) -> io::Result<()> {
     while !state.done() {

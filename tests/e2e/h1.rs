@@ -1136,3 +1136,35 @@ async fn an_absolute_uri_without_a_path_reaches_the_app_as_slash() {
     let spans = sink.wait_for(1, WAIT).await;
     assert_eq!(by_path(&spans, "/").kind, "CLIENT");
 }
+
+/// An app that refuses an upload after its head (413) while the client is still sending: the
+/// client gets the 413 at once instead of the proxy blocking on a body nobody reads, and the
+/// connection is closed since the rest of the body was never read.
+#[tokio::test]
+async fn an_early_answer_stops_the_upload() {
+    let sink = Sink::start().await;
+    let mut app = FakeApp::start().await;
+    let proxy = ProxyProcess::spawn(&env(&sink, &app.addr.to_string()));
+    let mut client = Peer::connect(proxy.inbound).await;
+
+    // 64 MiB announced, 16 KiB sent: far more than socket buffers would take unread.
+    client
+        .send(b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 67108864\r\n\r\n")
+        .await;
+    client.send(&[b'x'; 16 * 1024]).await;
+    let mut up = app.accept().await;
+    let (got, _) = forwarded(&up.head().await);
+    assert!(got.starts_with("POST /upload HTTP/1.1\r\n"), "{got}");
+    up.send(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+        .await;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.response())
+        .await
+        .expect("the 413 arrives while the upload is unfinished");
+    assert_eq!(
+        resp.status_line, "HTTP/1.1 413 Payload Too Large",
+        "{resp:?}"
+    );
+    assert_eq!(resp.header("connection"), Some("close"), "{resp:?}");
+    assert_eq!(resp.body, b"big!");
+    client.expect_eof().await;
+}
