@@ -119,13 +119,20 @@ def recv_exact(sock, n):
     return bytes(out)
 
 
-def echo_check(sock, nbytes):
+def echo_check(sock, nbytes, concurrent=True):
     # Starts with bytes no protocol detector mistakes for HTTP or TLS.
     payload = b"\x00\x01raw" + os.urandom(nbytes)
-    sender = threading.Thread(target=sock.sendall, args=(payload,))
-    sender.start()
-    got = recv_exact(sock, len(payload))
-    sender.join()
+    if concurrent:
+        # Large payloads: send while reading, or both sides' buffers fill and stall.
+        sender = threading.Thread(target=sock.sendall, args=(payload,))
+        sender.start()
+        got = recv_exact(sock, len(payload))
+        sender.join()
+    else:
+        # An SSLSocket must not be written and read from two threads at once (OpenSSL's
+        # state is shared); a small payload fits in the buffers, so one thread does both.
+        sock.sendall(payload)
+        got = recv_exact(sock, len(payload))
     if got != payload:
         print(f"echo mismatch: sent {len(payload)} bytes, got {len(got)} (equal prefix: "
               f"{os.path.commonprefix([got, payload]).__len__()})")
@@ -161,7 +168,7 @@ def main(argv):
         with socket.create_connection((host, port), timeout=TIMEOUT) as raw:
             with ctx.wrap_socket(raw, server_hostname=name) as s:
                 print(f"tls {s.version()} with {name}, cert subject {s.getpeercert()['subject']}")
-                return echo_check(s, 4096)
+                return echo_check(s, 4096, concurrent=False)
     elif mode == "banner-client":
         start = time.monotonic()
         with socket.create_connection((args[0], int(args[1])), timeout=TIMEOUT) as s:
