@@ -28,7 +28,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -37,7 +37,7 @@ use opentelemetry::Context;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
 use opentelemetry_sdk::Resource;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::BatchConfig;
 use crate::metrics::Metrics;
@@ -115,9 +115,38 @@ enum Control {
 /// `OTEL_BSP_MAX_CONCURRENT_EXPORTS` batches in flight.
 #[derive(Debug)]
 pub struct QueueProcessor {
-    spans: mpsc::Sender<SpanData>,
+    queue: Arc<Queue>,
     control: mpsc::Sender<ControlMsg>,
     metrics: Arc<Metrics>,
+}
+
+/// Finished spans waiting for export. A request only takes an uncontended lock to push its
+/// span; the export task is woken once per full batch (or by its timer), not once per span,
+/// which at 100% sampling was a task wake-up and a timer registration per request.
+#[derive(Debug)]
+struct Queue {
+    spans: Mutex<Vec<SpanData>>,
+    /// A batch is full, or the processor is closing.
+    wake: Notify,
+    closed: AtomicBool,
+    batch_size: usize,
+    max_size: usize,
+}
+
+impl Queue {
+    /// The oldest batch: a full one, or with `partial` whatever is there.
+    fn take(&self, partial: bool) -> Option<Vec<SpanData>> {
+        let fresh = Vec::with_capacity(self.batch_size);
+        let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        if spans.is_empty() || (!partial && spans.len() < self.batch_size) {
+            return None;
+        }
+        if spans.len() <= self.batch_size {
+            return Some(std::mem::replace(&mut *spans, fresh));
+        }
+        let rest = spans.split_off(self.batch_size);
+        Some(std::mem::replace(&mut *spans, rest))
+    }
 }
 
 /// Opaque wrapper so `Control` stays private.
@@ -165,7 +194,13 @@ impl QueueProcessor {
         for e in &mut exporters {
             e.set_resource(resource);
         }
-        let (spans_tx, spans_rx) = mpsc::channel(batch.max_queue_size);
+        let queue = Arc::new(Queue {
+            spans: Mutex::new(Vec::with_capacity(batch.max_export_batch_size)),
+            wake: Notify::new(),
+            closed: AtomicBool::new(false),
+            batch_size: batch.max_export_batch_size.max(1),
+            max_size: batch.max_queue_size.max(1),
+        });
         let (control_tx, control_rx) = mpsc::channel(4);
         let problem = exporters.first().and_then(Exporter::problem);
         if problem.is_some() {
@@ -182,10 +217,10 @@ impl QueueProcessor {
                 metrics: metrics.clone(),
             }),
         };
-        tokio::spawn(worker.run(spans_rx, control_rx));
+        tokio::spawn(worker.run(queue.clone(), control_rx));
         (
             QueueProcessor {
-                spans: spans_tx,
+                queue,
                 control: control_tx.clone(),
                 metrics,
             },
@@ -193,6 +228,14 @@ impl QueueProcessor {
                 control: control_tx,
             },
         )
+    }
+}
+
+impl Drop for QueueProcessor {
+    fn drop(&mut self) {
+        // The export task sends what is left and stops.
+        self.queue.closed.store(true, Ordering::Release);
+        self.queue.wake.notify_one();
     }
 }
 
@@ -205,12 +248,23 @@ impl SpanProcessor for QueueProcessor {
         if !span.span_context.is_sampled() {
             return;
         }
-        match self.spans.try_send(span) {
-            Ok(()) => {
-                self.metrics.export_queue.inc();
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => self.metrics.spans_dropped("queue_full", 1),
-            Err(mpsc::error::TrySendError::Closed(_)) => self.metrics.spans_dropped("shutdown", 1),
+        let q = &self.queue;
+        if q.closed.load(Ordering::Acquire) {
+            self.metrics.spans_dropped("shutdown", 1);
+            return;
+        }
+        let mut spans = q.spans.lock().unwrap_or_else(|e| e.into_inner());
+        if spans.len() >= q.max_size {
+            drop(spans);
+            self.metrics.spans_dropped("queue_full", 1);
+            return;
+        }
+        spans.push(span);
+        let full = spans.len() == q.batch_size;
+        drop(spans);
+        self.metrics.export_queue.inc();
+        if full {
+            q.wake.notify_one();
         }
     }
 
@@ -264,56 +318,55 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(
-        mut self,
-        mut spans: mpsc::Receiver<SpanData>,
-        mut control: mpsc::Receiver<ControlMsg>,
-    ) {
-        let mut pending: Vec<SpanData> = Vec::with_capacity(self.batch.max_export_batch_size);
-        let mut deadline = tokio::time::Instant::now() + self.batch.schedule_delay;
+    async fn run(mut self, queue: Arc<Queue>, mut control: mpsc::Receiver<ControlMsg>) {
+        let delay = self.batch.schedule_delay;
+        let timer = tokio::time::sleep(delay);
+        tokio::pin!(timer);
         loop {
+            let mut due = false;
             tokio::select! {
-                span = spans.recv() => match span {
-                    Some(span) => {
-                        self.metrics.export_queue.dec();
-                        pending.push(span);
-                        if pending.len() >= self.batch.max_export_batch_size {
-                            self.export(std::mem::take(&mut pending)).await;
-                            deadline = tokio::time::Instant::now() + self.batch.schedule_delay;
-                        }
-                    }
-                    None => {
-                        // Every processor is gone: export what is left and stop.
-                        self.export(std::mem::take(&mut pending)).await;
-                        self.drain().await;
-                        return;
-                    }
-                },
+                _ = queue.wake.notified() => {}
+                _ = &mut timer => due = true,
                 Some(exporter) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                    // An exporter is free again: full batches may have waited for it.
                     self.idle.push(exporter);
-                }
-                _ = tokio::time::sleep_until(deadline) => {
-                    if !pending.is_empty() {
-                        self.export(std::mem::take(&mut pending)).await;
-                    }
-                    deadline = tokio::time::Instant::now() + self.batch.schedule_delay;
                 }
                 msg = control.recv() => match msg {
                     Some(ControlMsg(Control::Flush(done))) => {
-                        while let Ok(span) = spans.try_recv() {
-                            self.metrics.export_queue.dec();
-                            pending.push(span);
-                            if pending.len() >= self.batch.max_export_batch_size {
-                                self.export(std::mem::take(&mut pending)).await;
-                            }
-                        }
-                        self.export(std::mem::take(&mut pending)).await;
+                        self.export_all(&queue).await;
                         self.drain().await;
                         let _ = done.send(());
+                        continue;
                     }
                     None => return,
                 },
             }
+            if queue.closed.load(Ordering::Acquire) {
+                // Every processor is gone: export what is left and stop.
+                self.export_all(&queue).await;
+                self.drain().await;
+                return;
+            }
+            let mut exported = false;
+            while let Some(batch) = queue.take(false) {
+                self.export(batch).await;
+                exported = true;
+            }
+            if due {
+                if let Some(batch) = queue.take(true) {
+                    self.export(batch).await;
+                }
+            }
+            if due || exported {
+                timer.as_mut().reset(tokio::time::Instant::now() + delay);
+            }
+        }
+    }
+
+    /// Exports everything queued, in batches.
+    async fn export_all(&mut self, queue: &Queue) {
+        while let Some(batch) = queue.take(true) {
+            self.export(batch).await;
         }
     }
 
@@ -323,6 +376,7 @@ impl Worker {
         if batch.is_empty() {
             return;
         }
+        self.metrics.export_queue.dec_by(batch.len() as i64);
         while self.idle.is_empty() {
             match self.in_flight.next().await {
                 Some(exporter) => self.idle.push(exporter),
