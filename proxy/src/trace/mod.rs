@@ -52,6 +52,10 @@ pub struct Telemetry {
     tracer: SdkTracer,
     provider: SdkTracerProvider,
     propagator: Option<TextMapCompositePropagator>,
+    /// The headers the propagators read, so a request with none of them skips extraction.
+    context_headers: Vec<String>,
+    /// Jaeger baggage rides in `uberctx-*` headers, which no fixed list names.
+    jaeger_baggage: bool,
     inflight: Option<Arc<correlate::Inflight>>,
     export: Option<export::ExportHandle>,
     pub metrics: Arc<Metrics>,
@@ -106,11 +110,24 @@ impl Telemetry {
         let tracer = provider.tracer("tracecar-proxy");
         let propagator =
             (!config.propagators.is_empty()).then(|| propagate::composite(&config.propagators));
+        let context_headers = propagator
+            .as_ref()
+            .map(|p| {
+                opentelemetry::propagation::TextMapPropagator::fields(p)
+                    .map(str::to_ascii_lowercase)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let jaeger_baggage = config
+            .propagators
+            .contains(&crate::config::Propagator::Jaeger);
         let inflight = (config.correlation == Correlation::Inflight).then(Default::default);
         Ok(Telemetry {
             tracer,
             provider,
             propagator,
+            context_headers,
+            jaeger_baggage,
             inflight,
             export,
             metrics,

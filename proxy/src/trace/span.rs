@@ -208,10 +208,7 @@ impl Telemetry {
         extractor: &dyn Extractor,
         injector: &mut dyn Injector,
     ) -> RequestSpan {
-        let parent = match &self.propagator {
-            Some(p) => p.extract(extractor),
-            None => Context::new(),
-        };
+        let parent = self.extract(extractor);
         let mut rs = self.start(
             SpanKind::Server,
             info,
@@ -253,10 +250,7 @@ impl Telemetry {
         extractor: &dyn Extractor,
         injector: &mut dyn Injector,
     ) -> RequestSpan {
-        let mut parent = match &self.propagator {
-            Some(p) => p.extract(extractor),
-            None => Context::new(),
-        };
+        let mut parent = self.extract(extractor);
         let mut correlated = false;
         if !parent.span().span_context().is_valid() {
             if let Some(sc) = self.inflight.as_ref().and_then(|i| i.newest()) {
@@ -321,6 +315,28 @@ impl Telemetry {
             telemetry: self.clone(),
             _inflight: None,
             count_request: false,
+        }
+    }
+
+    /// The context the request carries, in any configured format. Most requests that start a
+    /// trace carry none, and the propagators' extraction is not free, so it is skipped when none
+    /// of their headers is present.
+    fn extract(&self, extractor: &dyn Extractor) -> Context {
+        let Some(p) = &self.propagator else {
+            return Context::new();
+        };
+        let carried =
+            self.context_headers
+                .iter()
+                .any(|h| extractor.get(h).is_some())
+                || (self.jaeger_baggage
+                    && extractor.keys().iter().any(|k| {
+                        k.len() > 8 && k.as_bytes()[..8].eq_ignore_ascii_case(b"uberctx-")
+                    }));
+        if carried {
+            p.extract(extractor)
+        } else {
+            Context::new()
         }
     }
 
