@@ -46,8 +46,20 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     runtime_with(None)
 }
 
-/// `threads`: `None` leaves tokio's default (all CPUs, or `TOKIO_WORKER_THREADS`).
+/// `threads`: `None` leaves tokio's default (all CPUs, or `TOKIO_WORKER_THREADS`). One thread
+/// gets tokio's current-thread scheduler, as Linkerd's proxy does on one core: with nothing to
+/// steal work from, the multi-thread scheduler's synchronisation is pure cost.
 fn runtime_with(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let from_env = || {
+        std::env::var("TOKIO_WORKER_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+    };
+    if threads.or_else(from_env) == Some(1) {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = threads {
         builder.worker_threads(n);

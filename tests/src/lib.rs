@@ -88,6 +88,13 @@ impl ProxyProcess {
             .env("TRACECAR_INBOUND_LISTEN", inbound.to_string())
             .env("TRACECAR_OUTBOUND_LISTEN", outbound.to_string())
             .env("TRACECAR_ADMIN_LISTEN", admin.to_string())
+            // scripts/test.sh runs the suites again on one runtime thread (the current-thread
+            // scheduler a one-CPU pod gets); a test's own setting still wins.
+            .envs(
+                std::env::var("TRACECAR_TEST_WORKER_THREADS")
+                    .ok()
+                    .map(|v| ("TRACECAR_WORKER_THREADS".to_string(), v)),
+            )
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
