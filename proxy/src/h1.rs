@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
@@ -50,10 +50,13 @@ pub enum Outcome {
     Fallback(BytesMut),
 }
 
+/// An idle app connection and when it went idle.
+type IdleConn = (TcpStream, Instant);
+
 /// Idle keep-alive connections to apps, by `host:port`, shared by every client connection.
 #[derive(Debug, Default)]
 pub struct IdlePool {
-    idle: Mutex<HashMap<String, Vec<(TcpStream, Instant)>>>,
+    idle: Mutex<HashMap<Arc<str>, Vec<IdleConn>>>,
 }
 
 impl IdlePool {
@@ -68,7 +71,7 @@ impl IdlePool {
         None
     }
 
-    fn put(&self, target: String, stream: TcpStream) {
+    fn put(&self, target: Arc<str>, stream: TcpStream) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(target).or_default();
         list.retain(|(_, since)| since.elapsed() < POOL_IDLE);
@@ -90,7 +93,7 @@ enum Framing {
 
 /// The app connection a client connection is using.
 struct Upstream {
-    target: String,
+    target: Arc<str>,
     stream: TcpStream,
     buf: BytesMut,
     /// Came from the pool or served an earlier request: it may have been closed meanwhile.
@@ -99,15 +102,14 @@ struct Upstream {
 
 /// What the request head says, copied out of the read buffer.
 struct RequestHead {
+    head_len: usize,
     framing: Framing,
     client_close: bool,
     head_request: bool,
     /// Safe to send twice (RFC 9110 §9.2.2), so a request lost with a dead app connection can be
     /// retried.
     idempotent: bool,
-    /// Bytes of the head to send to the app, rewritten.
-    out: Vec<u8>,
-    target: String,
+    target: Arc<str>,
     span: RequestSpan,
 }
 
@@ -121,17 +123,21 @@ pub async fn serve(
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
     let mut up: Option<Upstream> = None;
     let pool = &conn.shared.upstream.idle;
+    // Per-connection scratch, reused by every request: the rewritten heads and the propagation
+    // headers.
+    let mut out = Vec::with_capacity(READ_CHUNK);
+    let mut injected = Injected::default();
     let outcome = loop {
-        // 1. A complete request head.
-        let head_len = loop {
+        // 1. A complete request head, routed, its span started and its head rewritten for the app.
+        let prepared = loop {
             if !inbuf.is_empty() {
-                match peek_head(&inbuf) {
-                    Ok(Some(n)) => break Some(n),
-                    Ok(None) if inbuf.len() <= MAX_HEAD => {}
-                    _ => break None,
+                match prepare(conn, &inbuf, &mut out, &mut injected) {
+                    Prepared::Partial if inbuf.len() <= MAX_HEAD => {}
+                    Prepared::Partial => break Prepared::Fallback,
+                    p => break p,
                 }
             } else if *shutdown.borrow() {
-                break Some(0);
+                break Prepared::Closed;
             }
             if inbuf.capacity() - inbuf.len() < READ_CHUNK / 4 {
                 inbuf.reserve(READ_CHUNK);
@@ -142,29 +148,24 @@ pub async fn serve(
                 _ = shutdown.changed(), if inbuf.is_empty() => Ok(0),
             };
             match read {
-                Ok(0) | Err(_) if inbuf.is_empty() => break Some(0),
-                Ok(0) | Err(_) => break None,
+                Ok(0) | Err(_) if inbuf.is_empty() => break Prepared::Closed,
+                Ok(0) | Err(_) => break Prepared::Fallback,
                 Ok(_) => {}
             }
         };
-        let head_len = match head_len {
-            Some(0) => break Outcome::Done,
-            Some(n) => n,
-            None => break Outcome::Fallback(inbuf),
-        };
-        // 2. Route it and start its span, rewriting the head for the app.
-        let head = match prepare(conn, &inbuf[..head_len], head_len) {
+        let head = match prepared {
             Prepared::Forward(h) => h,
-            Prepared::Fallback => break Outcome::Fallback(inbuf),
-            Prepared::Local(status, message) => {
+            Prepared::Closed => break Outcome::Done,
+            Prepared::Fallback | Prepared::Partial => break Outcome::Fallback(inbuf),
+            Prepared::Local(head_len, status, message) => {
                 inbuf.advance(head_len);
                 let _ = write_local(client, status, message).await;
                 // The request's body, if any, was never read: the connection cannot go on.
                 break Outcome::Done;
             }
         };
-        inbuf.advance(head_len);
-        match exchange(conn, client, &mut inbuf, &mut up, pool, head).await {
+        inbuf.advance(head.head_len);
+        match exchange(conn, client, &mut inbuf, &mut up, pool, head, &mut out).await {
             Ok(true) => continue,
             Ok(false) => break Outcome::Done,
             Err(()) => {
@@ -204,23 +205,18 @@ async fn linger(client: &mut TcpStream) {
     .await;
 }
 
-/// `Ok(Some(len))` when `buf` starts with a complete head, `Ok(None)` when more is needed.
-fn peek_head(buf: &[u8]) -> Result<Option<usize>, ()> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(_) => Err(()),
-    }
-}
-
 // Made once per request and taken apart at once; boxing would only add an allocation.
 #[allow(clippy::large_enum_variant)]
 enum Prepared {
     Forward(RequestHead),
+    /// The head is not complete yet.
+    Partial,
+    /// Not for this path (see the module comment).
     Fallback,
-    Local(StatusCode, &'static str),
+    /// Answered by the proxy itself: the head's length, the status and a message.
+    Local(usize, StatusCode, &'static str),
+    /// The client closed (or shutdown came) between requests.
+    Closed,
 }
 
 /// Headers that describe the connection, not the message (RFC 9110 §7.6.1). `te` is kept when it
@@ -277,13 +273,17 @@ impl Extractor for RawHeaders<'_> {
     }
 }
 
-fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
+/// Parses the head at the start of `buf`; when it is one for this path, starts its span and
+/// writes the head for the app into `out` (propagation headers via `injected`).
+fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) -> Prepared {
     let shared = &conn.shared;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
-    if !matches!(req.parse(buf), Ok(httparse::Status::Complete(_))) {
-        return Prepared::Fallback;
-    }
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Prepared::Partial,
+        Err(_) => return Prepared::Fallback,
+    };
     let (Some(method), Some(raw_target), Some(1)) = (req.method, req.path, req.version) else {
         return Prepared::Fallback;
     };
@@ -369,6 +369,7 @@ fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
                         // Forwarding to ourselves would open connections until fds run out.
                         shared.telemetry.metrics.outbound.malformed.inc();
                         return Prepared::Local(
+                            head_len,
                             StatusCode::LOOP_DETECTED,
                             "tracecar: the request is addressed to the proxy itself\n",
                         );
@@ -378,6 +379,7 @@ fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
                 None => {
                     shared.telemetry.metrics.outbound.malformed.inc();
                     return Prepared::Local(
+                        head_len,
                         StatusCode::BAD_REQUEST,
                         "tracecar: request names no destination (absolute URI or Host header)\n",
                     );
@@ -396,29 +398,30 @@ fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
         version: Version::HTTP_11,
         server_address: routed.as_ref().map(|(h, _)| h.as_str()),
         server_port: routed.as_ref().map(|(_, p)| *p),
-        client_address: (shared.direction == Direction::Inbound).then(|| conn.peer.ip()),
+        client_address: (shared.direction == Direction::Inbound).then(|| conn.peer_ip.clone()),
         host,
         user_agent,
     };
-    let mut injected = Injected::default();
+    injected.0.clear();
     let extractor = RawHeaders(req.headers);
     let mut span = match shared.direction {
         Direction::Inbound => shared
             .telemetry
-            .server_span_with(info, &extractor, &mut injected),
+            .server_span_with(info, &extractor, injected),
         Direction::Outbound => shared
             .telemetry
-            .client_span_with(info, &extractor, &mut injected),
+            .client_span_with(info, &extractor, injected),
     };
     let target = match (&conn.target, routed) {
         (Some(t), _) => t.clone(),
-        (None, Some((h, p))) if h.contains(':') => format!("[{h}]:{p}"),
-        (None, Some((h, p))) => format!("{h}:{p}"),
+        (None, Some((h, p))) if h.contains(':') => format!("[{h}]:{p}").into(),
+        (None, Some((h, p))) => format!("{h}:{p}").into(),
         (None, None) => {
             let e = ForwardError::NoTarget("not redirected and TRACECAR_INBOUND_TARGET is unset");
             span.set_status(StatusCode::BAD_GATEWAY);
             span.fail(e.error_type(), e.to_string());
             return Prepared::Local(
+                head_len,
                 StatusCode::BAD_GATEWAY,
                 "tracecar: no destination for the request: not redirected and TRACECAR_INBOUND_TARGET is unset\n",
             );
@@ -426,7 +429,7 @@ fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
     };
     // The head for the app: origin-form target, connection headers dropped, propagation
     // headers replaced by the proxy span's.
-    let mut out = Vec::with_capacity(head_len + 128);
+    out.clear();
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     if !path_and_query.starts_with('/') && path_and_query != "*" {
@@ -459,6 +462,7 @@ fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
     }
     out.extend_from_slice(b"\r\n");
     Prepared::Forward(RequestHead {
+        head_len,
         framing,
         client_close,
         head_request: method == Method::HEAD,
@@ -471,7 +475,6 @@ fn prepare(conn: &Conn, buf: &[u8], head_len: usize) -> Prepared {
                 | Method::PUT
                 | Method::DELETE
         ),
-        out,
         target,
         span,
     })
@@ -486,15 +489,17 @@ async fn exchange(
     up: &mut Option<Upstream>,
     pool: &IdlePool,
     head: RequestHead,
+    out: &mut Vec<u8>,
 ) -> Result<bool, ()> {
+    // `out` holds the rewritten request head.
     let RequestHead {
         framing,
         client_close,
         head_request,
         idempotent,
-        mut out,
         target,
         mut span,
+        ..
     } = head;
     // The body bytes already read go out with the head, in one write.
     let mut body = BodyState::new(framing);
@@ -508,7 +513,7 @@ async fn exchange(
     let mut early = false;
     let resp_head = loop {
         attempt += 1;
-        if up.as_ref().is_some_and(|u| u.target != target) {
+        if up.as_ref().is_some_and(|u| *u.target != *target) {
             if let Some(old) = up.take() {
                 if old.buf.is_empty() {
                     pool.put(old.target, old.stream);
@@ -535,7 +540,7 @@ async fn exchange(
         }
         let Some(u) = up.as_mut() else { return Err(()) };
         let sent = async {
-            u.stream.write_all(&out).await?;
+            u.stream.write_all(out).await?;
             if !body.done() {
                 // Full duplex, as an app may answer before reading the whole body: stop sending
                 // the body as soon as a response starts (or the app closes).
@@ -570,7 +575,7 @@ async fn exchange(
                     continue;
                 }
                 let e = ForwardError::Upstream {
-                    target: target.clone(),
+                    target: target.to_string(),
                     message: e.to_string(),
                 };
                 span.set_status(StatusCode::BAD_GATEWAY);
@@ -591,7 +596,7 @@ async fn exchange(
     // knows where the next message starts.
     let close_client = client_close || resp_framing == Framing::Close || early;
     out.clear();
-    write_response_head(&mut out, &u.buf[..resp_head.head_len], close_client);
+    write_response_head(out, &u.buf[..resp_head.head_len], close_client);
     u.buf.advance(resp_head.head_len);
     let mut rbody = BodyState::new(resp_framing);
     let Ok(taken) = rbody.scan(&u.buf) else {
@@ -603,7 +608,7 @@ async fn exchange(
     };
     out.extend_from_slice(&u.buf[..taken]);
     u.buf.advance(taken);
-    if client.write_all(&out).await.is_err() {
+    if client.write_all(out).await.is_err() {
         return Err(());
     }
     if !rbody.done() {
@@ -626,7 +631,7 @@ async fn exchange(
 async fn connect(
     conn: &Conn,
     pool: &IdlePool,
-    target: &str,
+    target: &Arc<str>,
     fresh: bool,
 ) -> Result<Upstream, ForwardError> {
     while let Some(stream) = (!fresh).then(|| pool.take(target)).flatten() {
@@ -634,18 +639,18 @@ async fn connect(
             continue;
         }
         return Ok(Upstream {
-            target: target.to_string(),
+            target: target.clone(),
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
             reused: true,
         });
     }
-    let connect = tokio::time::timeout(conn.shared.connect_timeout, TcpStream::connect(target));
+    let connect = tokio::time::timeout(conn.shared.connect_timeout, TcpStream::connect(&**target));
     match connect.await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
             Ok(Upstream {
-                target: target.to_string(),
+                target: target.clone(),
                 stream,
                 buf: BytesMut::with_capacity(READ_CHUNK),
                 reused: false,

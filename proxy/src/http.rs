@@ -37,7 +37,9 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// Fixed destination (original destination, or the inbound target); `None` on the outbound
     /// listener means forward-proxy routing by the request itself.
-    pub target: Option<String>,
+    pub target: Option<Arc<str>>,
+    /// The peer's address as text, made once per connection for `client.address`.
+    pub peer_ip: Arc<str>,
 }
 
 /// Serves HTTP/1 and HTTP/2 on `stream` until it closes or shutdown asks it to: plain HTTP/1.1
@@ -200,7 +202,7 @@ impl Conn {
             version: parts.version,
             server_address: routed.as_ref().map(|(h, _)| h.as_str()),
             server_port: routed.as_ref().map(|(_, p)| *p),
-            client_address: (shared.direction == Direction::Inbound).then(|| self.peer.ip()),
+            client_address: (shared.direction == Direction::Inbound).then(|| self.peer_ip.clone()),
             host: None,
             user_agent: None,
         };

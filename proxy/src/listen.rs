@@ -18,7 +18,7 @@ use crate::orig_dst::original_dst;
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
     /// Where non-redirected connections go (inbound only).
-    pub default_target: Option<String>,
+    pub default_target: Option<std::sync::Arc<str>>,
     pub detect_timeout: Duration,
     pub drain_timeout: Duration,
 }
@@ -96,6 +96,7 @@ async fn handle(
             Conn {
                 shared,
                 peer,
+                peer_ip: peer.ip().to_string().into(),
                 target,
             },
             stream,
@@ -115,7 +116,8 @@ async fn handle(
                 Conn {
                     shared,
                     peer,
-                    target: Some(dst.to_string()),
+                    peer_ip: peer.ip().to_string().into(),
+                    target: Some(dst.to_string().into()),
                 },
                 stream,
                 watcher,

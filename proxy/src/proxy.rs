@@ -85,7 +85,7 @@ impl Proxy {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let upstream = Upstream::new(CONNECT_TIMEOUT);
         let listener_cfg = ListenerConfig {
-            default_target: config.inbound_target.clone(),
+            default_target: config.inbound_target.as_deref().map(Into::into),
             detect_timeout: config.detect_timeout,
             drain_timeout: config.drain_timeout,
         };

@@ -6,6 +6,7 @@
 //! in flight. That is exact for apps that serve one request at a time and a best guess under
 //! concurrency; spans linked this way carry `tracecar.correlation=inflight`.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -15,8 +16,10 @@ use opentelemetry::trace::SpanContext;
 #[derive(Debug, Default)]
 pub struct Inflight {
     next: AtomicU64,
-    // Few entries (the app's concurrency); a short critical section, taken once per request.
-    slots: Mutex<Vec<(u64, SpanContext)>>,
+    // One entry per request in flight, keyed by arrival order (newest last); a short critical
+    // section, taken once per request. A map, not a Vec: under many concurrent requests,
+    // removing from the middle of a Vec moved the entries behind it on every request.
+    slots: Mutex<BTreeMap<u64, SpanContext>>,
 }
 
 /// Removes its entry from [`Inflight`] when the inbound request ends.
@@ -31,7 +34,7 @@ impl Inflight {
     pub fn enter(self: &Arc<Self>, cx: SpanContext) -> InflightGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut slots) = self.slots.lock() {
-            slots.push((id, cx));
+            slots.insert(id, cx);
         }
         InflightGuard {
             owner: self.clone(),
@@ -41,16 +44,18 @@ impl Inflight {
 
     /// The newest inbound span still in flight.
     pub fn newest(&self) -> Option<SpanContext> {
-        self.slots.lock().ok()?.last().map(|(_, cx)| cx.clone())
+        self.slots
+            .lock()
+            .ok()?
+            .last_key_value()
+            .map(|(_, cx)| cx.clone())
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         if let Ok(mut slots) = self.owner.slots.lock() {
-            if let Some(i) = slots.iter().rposition(|(id, _)| *id == self.id) {
-                slots.remove(i);
-            }
+            slots.remove(&self.id);
         }
     }
 }

@@ -1,7 +1,6 @@
 //! The span of one proxied request, from its headers to the end of its response body.
 
 use std::borrow::Cow;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
 use std::time::Instant;
@@ -20,7 +19,7 @@ use super::correlate::InflightGuard;
 use super::Telemetry;
 
 /// What the proxy knows about a request when its span starts.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RequestInfo<'a> {
     pub method: &'a Method,
     pub path: &'a str,
@@ -30,7 +29,7 @@ pub struct RequestInfo<'a> {
     pub server_address: Option<&'a str>,
     pub server_port: Option<u16>,
     /// The peer that sent the request (inbound only).
-    pub client_address: Option<IpAddr>,
+    pub client_address: Option<std::sync::Arc<str>>,
     /// The Host header (or :authority); filled from the headers by [`Telemetry::server_span`]
     /// and [`Telemetry::client_span`].
     pub host: Option<&'a str>,
@@ -169,8 +168,12 @@ fn attributes(info: &RequestInfo<'_>) -> Vec<KeyValue> {
     if let Some(port) = port {
         attrs.push(KeyValue::new("server.port", port as i64));
     }
-    if let Some(ip) = info.client_address {
-        attrs.push(KeyValue::new("client.address", ip.to_string()));
+    if let Some(ip) = &info.client_address {
+        // Shared with the connection: no copy per request.
+        attrs.push(KeyValue::new(
+            "client.address",
+            Value::String(StringValue::from(ip.clone())),
+        ));
     }
     if let Some(ua) = info.user_agent {
         attrs.push(KeyValue::new("user_agent.original", ua.to_owned()));
