@@ -301,24 +301,21 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
     let mut content_length: Option<u64> = None;
     for h in req.headers.iter() {
         let name = h.name;
-        let Ok(value) = std::str::from_utf8(h.value) else {
-            const MUST_READ: [&str; 4] =
-                ["host", "connection", "content-length", "transfer-encoding"];
-            if MUST_READ.iter().any(|n| n.eq_ignore_ascii_case(name)) {
-                return Prepared::Fallback;
-            }
-            continue;
-        };
+        // Only the few headers read here need their value as text; the framing ones must be.
+        let text = || std::str::from_utf8(h.value).ok();
         if name.eq_ignore_ascii_case("host") {
+            let Some(value) = text() else {
+                return Prepared::Fallback;
+            };
             if host.is_some() {
                 return Prepared::Fallback;
             }
             host = Some(value.trim());
         } else if name.eq_ignore_ascii_case("user-agent") {
-            user_agent = Some(value);
+            user_agent = text();
         } else if name.eq_ignore_ascii_case("content-length") {
             // Digits only: `+5` or `5, 5` would let the app frame the body differently.
-            let Some(n) = content_length_value(value.as_bytes()) else {
+            let Some(n) = content_length_value(h.value) else {
                 return Prepared::Fallback;
             };
             if content_length.is_some_and(|c| c != n) {
@@ -326,11 +323,15 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
             }
             content_length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            if framing == Framing::Chunked || !value.trim().eq_ignore_ascii_case("chunked") {
+            if framing == Framing::Chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked")
+            {
                 return Prepared::Fallback;
             }
             framing = Framing::Chunked;
         } else if name.eq_ignore_ascii_case("connection") {
+            let Some(value) = text() else {
+                return Prepared::Fallback;
+            };
             for token in value.split(',').map(str::trim) {
                 if token.eq_ignore_ascii_case("close") {
                     client_close = true;

@@ -39,10 +39,17 @@ pub fn export_request(resource: &Resource, spans: &[SpanData]) -> Vec<u8> {
         // ResourceSpans.scope_spans = 2, one per instrumentation scope, in order of appearance.
         let mut scopes: Vec<&InstrumentationScope> = Vec::new();
         for span in spans {
-            if !scopes.contains(&&span.instrumentation_scope) {
-                scopes.push(&span.instrumentation_scope);
+            let scope = &span.instrumentation_scope;
+            // Usually the same scope as the last span: no search.
+            if scopes.last().is_some_and(|s| *s == scope) {
+                continue;
+            }
+            if !scopes.contains(&scope) {
+                scopes.push(scope);
             }
         }
+        // The proxy has one tracer, so one scope: no comparison per span.
+        let one_scope = scopes.len() == 1;
         for scope in scopes {
             nested(out, 2, |out| {
                 nested(out, 1, |out| {
@@ -52,7 +59,10 @@ pub fn export_request(resource: &Resource, spans: &[SpanData]) -> Vec<u8> {
                         nested(out, 3, |out| key_value(out, kv.key.as_str(), &kv.value));
                     }
                 });
-                for span in spans.iter().filter(|s| s.instrumentation_scope == *scope) {
+                for span in spans
+                    .iter()
+                    .filter(|s| one_scope || s.instrumentation_scope == *scope)
+                {
                     nested(out, 2, |out| encode_span(out, span));
                 }
                 string(out, 3, scope.schema_url().unwrap_or_default());

@@ -4,7 +4,12 @@
 //! the wild still speak them, so the proxy keeps them (hence `allow(deprecated)`).
 #![allow(deprecated)]
 
-use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
+use opentelemetry::propagation::text_map_propagator::FieldIter;
+use opentelemetry::propagation::{
+    Extractor, Injector, TextMapCompositePropagator, TextMapPropagator,
+};
+use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags};
+use opentelemetry::Context;
 use opentelemetry_sdk::propagation::{BaggagePropagator, TraceContextPropagator};
 use opentelemetry_zipkin::{B3Encoding, Propagator as B3Propagator};
 
@@ -18,7 +23,7 @@ pub fn composite(formats: &[Propagator]) -> TextMapCompositePropagator {
     let b3multi = formats.contains(&Propagator::B3Multi);
     for f in formats {
         match f {
-            Propagator::TraceContext => list.push(Box::new(TraceContextPropagator::new())),
+            Propagator::TraceContext => list.push(Box::new(W3cTraceContext::default())),
             Propagator::Baggage => list.push(Box::new(BaggagePropagator::new())),
             Propagator::Jaeger => {
                 list.push(Box::new(opentelemetry_jaeger_propagator::Propagator::new()))
@@ -37,6 +42,61 @@ pub fn composite(formats: &[Propagator]) -> TextMapCompositePropagator {
         }
     }
     TextMapCompositePropagator::new(list)
+}
+
+/// W3C TraceContext: extraction is the SDK's; injection writes `traceparent` with a table
+/// instead of `format!` (it runs for every proxied request) and leaves out an empty
+/// `tracestate`, which the SDK's propagator would send.
+#[derive(Debug, Default)]
+struct W3cTraceContext(TraceContextPropagator);
+
+impl TextMapPropagator for W3cTraceContext {
+    fn inject_context(&self, cx: &Context, injector: &mut dyn Injector) {
+        let span = cx.span();
+        let sc = span.span_context();
+        if !sc.is_valid() {
+            return;
+        }
+        injector.set("traceparent", traceparent(sc));
+        let state = sc.trace_state().header();
+        if !state.is_empty() {
+            injector.set("tracestate", state);
+        }
+    }
+
+    fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
+        self.0.extract_with_context(cx, extractor)
+    }
+
+    fn fields(&self) -> FieldIter<'_> {
+        self.0.fields()
+    }
+}
+
+/// `00-<trace id>-<span id>-<flags>`, only the sampled flag kept (as the SDK does).
+fn traceparent(sc: &SpanContext) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 55];
+    out[..3].copy_from_slice(b"00-");
+    let mut at = 3;
+    let mut hex = |bytes: &[u8], out: &mut [u8; 55]| {
+        for b in bytes {
+            out[at] = HEX[(b >> 4) as usize];
+            out[at + 1] = HEX[(b & 0xf) as usize];
+            at += 2;
+        }
+        at += 1; // the '-' after each part
+    };
+    hex(&sc.trace_id().to_bytes(), &mut out);
+    hex(&sc.span_id().to_bytes(), &mut out);
+    hex(
+        &[sc.trace_flags().to_u8() & TraceFlags::SAMPLED.to_u8()],
+        &mut out,
+    );
+    out[35] = b'-';
+    out[52] = b'-';
+    // Only ASCII was written.
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// True for the first B3 variant in the list.
@@ -64,6 +124,37 @@ mod tests {
             true,
             TraceState::default(),
         ))
+    }
+
+    #[test]
+    fn traceparent_matches_the_sdk_and_skips_empty_tracestate() {
+        let ours = W3cTraceContext::default();
+        let sdk = TraceContextPropagator::new();
+        let with_state = Context::new().with_remote_span_context(SpanContext::new(
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap(),
+            SpanId::from_hex("b7ad6b7169203331").unwrap(),
+            TraceFlags::new(0x03),
+            true,
+            TraceState::from_key_value([("congo", "t61rcWkgMzE")]).unwrap(),
+        ));
+        for cx in [ctx(), with_state] {
+            let (mut a, mut b) = (http::HeaderMap::new(), http::HeaderMap::new());
+            ours.inject_context(&cx, &mut HeaderInjector(&mut a));
+            sdk.inject_context(&cx, &mut HeaderInjector(&mut b));
+            assert_eq!(a["traceparent"], b["traceparent"]);
+            let sdk_state = b.get("tracestate").filter(|v| !v.is_empty());
+            assert_eq!(a.get("tracestate"), sdk_state);
+            // And it reads back as the same context.
+            let back = ours.extract(&HeaderExtractor(&a));
+            assert_eq!(
+                back.span().span_context().span_id(),
+                cx.span().span_context().span_id()
+            );
+        }
+        assert_eq!(
+            traceparent(ctx().span().span_context()),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
     }
 
     #[test]

@@ -138,6 +138,26 @@ fn protocol_version(v: Version) -> &'static str {
     }
 }
 
+/// A Host header's host and port (`[v6]:port` too); `None` when it is not `host[:port]`. A
+/// parser of its own because this runs for every request and `http::uri::Authority` does more.
+fn split_host(h: &str) -> Option<(&str, Option<u16>)> {
+    let (host, port) = if let Some(rest) = h.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        (v6, after)
+    } else {
+        match h.split_once(':') {
+            Some((host, _)) => (host, &h[host.len()..]),
+            None => (h, ""),
+        }
+    };
+    let port = match port {
+        "" => None,
+        p => Some(p.strip_prefix(':')?.parse::<u16>().ok()?),
+    };
+    let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '%');
+    (!host.is_empty() && host.chars().all(valid)).then_some((host, port))
+}
+
 fn attributes(info: &RequestInfo<'_>) -> Vec<KeyValue> {
     let mut attrs = Vec::with_capacity(10);
     attrs.push(KeyValue::new(
@@ -151,12 +171,10 @@ fn attributes(info: &RequestInfo<'_>) -> Vec<KeyValue> {
         protocol_version(info.version),
     ));
     // Inbound requests name their server in the Host header (or :authority).
-    let host_header = info
-        .host
-        .and_then(|h| h.parse::<http::uri::Authority>().ok());
-    let (address, port) = match (info.server_address, &host_header) {
+    let host_header = info.host.and_then(split_host);
+    let (address, port) = match (info.server_address, host_header) {
         (Some(a), _) => (Some(a), info.server_port),
-        (None, Some(h)) => (Some(h.host()), h.port_u16().or(info.server_port)),
+        (None, Some((h, p))) => (Some(h), p.or(info.server_port)),
         (None, None) => (None, info.server_port),
     };
     if let Some(host) = address {
@@ -476,5 +494,33 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_host;
+
+    #[test]
+    fn host_headers_split_like_authorities() {
+        assert_eq!(
+            split_host("shop.example:8080"),
+            Some(("shop.example", Some(8080)))
+        );
+        assert_eq!(split_host("shop"), Some(("shop", None)));
+        assert_eq!(split_host("[fd00::1]:80"), Some(("fd00::1", Some(80))));
+        assert_eq!(split_host("[fd00::1]"), Some(("fd00::1", None)));
+        for bad in [
+            "",
+            "a:b",
+            "a:99999",
+            "[fd00::1",
+            "a b",
+            "user@host",
+            "h:80:90",
+            ":80",
+        ] {
+            assert_eq!(split_host(bad), None, "{bad:?}");
+        }
     }
 }
