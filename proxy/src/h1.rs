@@ -556,7 +556,8 @@ async fn exchange(
                     }
                 }
             }
-            read_response_head(u, client, head_request).await
+            // Once the response head is in, `out` holds the client's version of it.
+            read_response_head(u, client, head_request, client_close || early, out).await
         }
         .await;
         match sent {
@@ -595,9 +596,7 @@ async fn exchange(
     let resp_framing = resp_head.framing;
     // After an early answer the rest of the request body was never read: neither connection
     // knows where the next message starts.
-    let close_client = client_close || resp_framing == Framing::Close || early;
-    out.clear();
-    write_response_head(out, &u.buf[..resp_head.head_len], close_client);
+    let close_client = resp_head.close_client;
     u.buf.advance(resp_head.head_len);
     let mut rbody = BodyState::new(resp_framing);
     let Ok(taken) = rbody.scan(&u.buf) else {
@@ -709,6 +708,8 @@ enum ResponseStart {
 }
 
 struct ResponseHead {
+    /// The client connection ends after this response.
+    close_client: bool,
     head_len: usize,
     status: u16,
     framing: Framing,
@@ -725,12 +726,15 @@ async fn read_response_head(
     u: &mut Upstream,
     client: &mut TcpStream,
     head_request: bool,
+    close: bool,
+    out: &mut Vec<u8>,
 ) -> io::Result<ResponseHead> {
     loop {
         if !u.buf.is_empty() {
-            match parse_response(&u.buf, |parsed, resp| {
-                response_start(parsed, resp, head_request)
-            })? {
+            let start = parse_response(&u.buf, |parsed, resp| {
+                response_start(parsed, resp, head_request, close, &mut *out)
+            });
+            match start? {
                 ResponseStart::Informational(n) => {
                     client.write_all(&u.buf[..n]).await?;
                     u.buf.advance(n);
@@ -755,10 +759,14 @@ async fn read_response_head(
     }
 }
 
+/// Classifies a parsed response head; for a final one, writes the client's head into `out`
+/// (`close`: the client connection ends after it, whatever the framing).
 fn response_start(
     parsed: Result<httparse::Status<usize>, httparse::Error>,
     resp: &httparse::Response<'_, '_>,
     head_request: bool,
+    close: bool,
+    out: &mut Vec<u8>,
 ) -> io::Result<ResponseStart> {
     let n = match parsed {
         Ok(httparse::Status::Complete(n)) => n,
@@ -802,16 +810,21 @@ fn response_start(
     if head_request || status == 204 || status == 304 || framing == Framing::Length(0) {
         framing = Framing::None;
     }
+    let close_client = close || framing == Framing::Close;
+    out.clear();
+    write_parsed_response_head(out, resp, close_client);
     Ok(ResponseStart::Final(ResponseHead {
         head_len: n,
         status,
         framing,
         keep_alive: keep_alive && framing != Framing::Close,
+        close_client,
     }))
 }
 
 /// The client's response head: `HTTP/1.1`, connection headers dropped, `connection: close`
 /// when this is the connection's last response.
+#[cfg(test)]
 fn write_response_head(out: &mut Vec<u8>, head: &[u8], close: bool) {
     // Parsed once already; this cannot fail.
     parse_response(head, |_, resp| write_parsed_response_head(out, resp, close));
