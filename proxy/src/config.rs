@@ -51,8 +51,10 @@ pub struct RunArgs {
     /// How long a captured connection may stay silent before it is forwarded opaquely.
     #[arg(long, env = "TRACECAR_DETECT_TIMEOUT", default_value = "1s")]
     pub detect_timeout: String,
-    /// Runtime worker threads: a number, or `auto` (the CPUs the proxy may use, at most 2: a
-    /// sidecar should stay small; raise it for very busy pods).
+    /// Data-plane workers, each one thread with its own single-threaded runtime and listeners
+    /// (SO_REUSEPORT): a number, or `auto` (the CPUs the proxy may use, at most 2: a sidecar
+    /// should stay small; raise it for very busy pods). `TOKIO_WORKER_THREADS` is honoured when
+    /// this is `auto`.
     #[arg(long, env = "TRACECAR_WORKER_THREADS", default_value = "auto")]
     pub worker_threads: String,
     /// Also trace the kubelet's probes (requests from `kube-probe/*`); off, they are only proxied.

@@ -42,29 +42,11 @@ fn init_logging(filter: &str) {
         .try_init();
 }
 
+/// The runtime of the short-lived commands (demo, wait-ready).
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    runtime_with(None)
-}
-
-/// `threads`: `None` leaves tokio's default (all CPUs, or `TOKIO_WORKER_THREADS`). One thread
-/// gets tokio's current-thread scheduler, as Linkerd's proxy does on one core: with nothing to
-/// steal work from, the multi-thread scheduler's synchronisation is pure cost.
-fn runtime_with(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
-    let from_env = || {
-        std::env::var("TOKIO_WORKER_THREADS")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-    };
-    if threads.or_else(from_env) == Some(1) {
-        return tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build();
-    }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = threads {
-        builder.worker_threads(n);
-    }
-    builder.enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn main() -> ExitCode {
@@ -79,14 +61,12 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config.log);
-            // A sidecar shares the pod's CPUs: unless told otherwise, at most two worker threads
-            // (fewer when the CPU limit allows fewer). TOKIO_WORKER_THREADS still works.
-            let threads = config.worker_threads.or_else(|| {
-                std::env::var_os("TOKIO_WORKER_THREADS")
-                    .is_none()
-                    .then(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(2)))
-            });
-            let rt = match runtime_with(threads) {
+            // Each data-plane worker is a single-threaded runtime of its own (see proxy.rs); this
+            // one, on the main thread, is the first of them and also runs admin and export.
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("tracecar-proxy: cannot start the runtime: {e}");

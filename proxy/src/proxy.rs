@@ -29,36 +29,98 @@ pub struct Proxy {
     admin: Arc<AdminState>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// One per extra worker thread: resolves when the thread has drained and stopped.
+    workers: Vec<tokio::sync::oneshot::Receiver<()>>,
     drain_timeout: Duration,
 }
 
-/// For a listener on `0.0.0.0:P` or `127.0.0.1:P`, a companion on `[::]:P` or `[::1]:P`
-/// (IPv6 only, so both can bind), when the host has IPv6; `None` otherwise.
-fn ipv6_twin(v4: SocketAddr) -> Option<TcpListener> {
-    let SocketAddr::V4(a) = v4 else { return None };
+/// `n` listening sockets on `addr` (port 0: the port the first one got), with `SO_REUSEPORT`
+/// when there are several, so the kernel spreads connections over the workers.
+fn bind_all(
+    addr: SocketAddr,
+    n: usize,
+    v6_only: bool,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = addr;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        if v6_only {
+            socket.set_only_v6(true)?;
+        }
+        socket.set_reuse_address(true)?;
+        if n > 1 {
+            socket.set_reuse_port(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        let listener = std::net::TcpListener::from(socket);
+        addr = listener.local_addr()?;
+        out.push(listener);
+    }
+    Ok(out)
+}
+
+/// For listeners on `0.0.0.0:P` or `127.0.0.1:P`, companions on `[::]:P` or `[::1]:P` (IPv6
+/// only, so both can bind), when the host has IPv6; none otherwise.
+fn ipv6_twins(v4: SocketAddr, n: usize) -> Vec<std::net::TcpListener> {
+    let SocketAddr::V4(a) = v4 else {
+        return Vec::new();
+    };
     let ip = if a.ip().is_unspecified() {
         std::net::Ipv6Addr::UNSPECIFIED
     } else if a.ip().is_loopback() {
         std::net::Ipv6Addr::LOCALHOST
     } else {
-        return None;
+        return Vec::new();
     };
     let addr = SocketAddr::new(ip.into(), a.port());
-    let socket = socket2::Socket::new(
-        socket2::Domain::IPV6,
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )
-    .ok()?;
-    socket.set_only_v6(true).ok()?;
-    socket.set_reuse_address(true).ok()?;
-    socket.set_nonblocking(true).ok()?;
-    if let Err(e) = socket.bind(&addr.into()) {
+    bind_all(addr, n, true).unwrap_or_else(|e| {
         tracing::debug!(%addr, error = %e, "no IPv6 listener");
-        return None;
+        Vec::new()
+    })
+}
+
+/// How many data-plane workers run: `TRACECAR_WORKER_THREADS`, else `TOKIO_WORKER_THREADS`,
+/// else the CPUs the proxy may use (its cgroup limit), at most 2: a sidecar should stay small.
+pub fn workers(config: &Config) -> usize {
+    config
+        .worker_threads
+        .or_else(|| {
+            std::env::var("TOKIO_WORKER_THREADS")
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok())
+        })
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(2)))
+}
+
+/// One data-plane worker's listeners, each with what its connections share.
+type WorkerListeners = Vec<(std::net::TcpListener, Arc<Shared>)>;
+
+/// Serves one worker's listeners on the current (single-threaded) runtime until shutdown and
+/// their drain are over.
+async fn serve_worker(
+    listeners: WorkerListeners,
+    cfg: ListenerConfig,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut tasks = JoinSet::new();
+    for (listener, shared) in listeners {
+        // Registered with this worker's runtime, which alone drives it.
+        match TcpListener::from_std(listener) {
+            Ok(l) => {
+                tasks.spawn(listen::run(l, shared, cfg.clone(), shutdown.clone()));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot register a listener"),
+        }
     }
-    socket.listen(1024).ok()?;
-    TcpListener::from_std(socket.into()).ok()
+    while tasks.join_next().await.is_some() {}
 }
 
 /// How long connecting to an upstream may take before the client gets a 502.
@@ -71,72 +133,99 @@ impl Proxy {
         let telemetry = Arc::new(
             Telemetry::new(&config, sink, metrics.clone()).context("cannot set up span export")?,
         );
-        let bind = |addr: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(addr)
-                .await
+        // The data plane runs on `n` workers, each a single-threaded runtime with its own
+        // listeners (SO_REUSEPORT) and app connections, as nginx and Envoy run one event loop
+        // per worker: no task migrates between threads and nothing on the request path is
+        // shared between workers but the span queue and metrics. Worker 0 is the calling
+        // runtime, which also serves admin and export.
+        let n = workers(&config);
+        let bind = |addr: SocketAddr, what: &'static str| {
+            bind_all(addr, n, false)
                 .with_context(|| format!("cannot bind the {what} listener on {addr}"))
         };
-        let inbound = bind(config.inbound_listen, "inbound").await?;
-        let outbound = bind(config.outbound_listen, "outbound").await?;
-        let admin_listener = bind(config.admin_listen, "admin").await?;
+        let inbound = bind(config.inbound_listen, "inbound")?;
+        let outbound = bind(config.outbound_listen, "outbound")?;
+        let admin_listener = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| {
+                format!("cannot bind the admin listener on {}", config.admin_listen)
+            })?;
+        let inbound_addr = inbound[0].local_addr()?;
+        let outbound_addr = outbound[0].local_addr()?;
         // iptables redirects a pod's IPv6 traffic to the same ports over IPv6.
-        let inbound6 = ipv6_twin(inbound.local_addr()?);
-        let outbound6 = ipv6_twin(outbound.local_addr()?);
+        let inbound6 = ipv6_twins(inbound_addr, n);
+        let outbound6 = ipv6_twins(outbound_addr, n);
         let (shutdown, shutdown_rx) = watch::channel(false);
-        let upstream = Upstream::new(CONNECT_TIMEOUT);
         let listener_cfg = ListenerConfig {
             default_target: config.inbound_target.as_deref().map(Into::into),
             detect_timeout: config.detect_timeout,
             drain_timeout: config.drain_timeout,
         };
-        let inbound_port = inbound.local_addr()?.port();
-        let outbound_port = outbound.local_addr()?.port();
-        let shared = |direction| {
-            Arc::new(Shared {
-                direction,
-                telemetry: telemetry.clone(),
-                upstream: upstream.clone(),
-                connect_timeout: CONNECT_TIMEOUT,
-                listen_port: match direction {
-                    Direction::Inbound => inbound_port,
-                    Direction::Outbound => outbound_port,
-                },
-            })
-        };
         let admin = Arc::new(AdminState {
             metrics: metrics.clone(),
             ready: Default::default(),
         });
-        let proxy_addrs = (
-            inbound.local_addr()?,
-            outbound.local_addr()?,
-            admin_listener.local_addr()?,
-        );
-        let mut tasks = JoinSet::new();
-        tasks.spawn(listen::run(
-            inbound,
-            shared(Direction::Inbound),
-            listener_cfg.clone(),
-            shutdown_rx.clone(),
-        ));
-        tasks.spawn(listen::run(
-            outbound,
-            shared(Direction::Outbound),
-            listener_cfg.clone(),
-            shutdown_rx.clone(),
-        ));
-        for (listener, direction) in [
+        let proxy_addrs = (inbound_addr, outbound_addr, admin_listener.local_addr()?);
+        let mut per_worker: Vec<Vec<(std::net::TcpListener, Direction)>> =
+            (0..n).map(|_| Vec::new()).collect();
+        for (listeners, direction) in [
+            (inbound, Direction::Inbound),
+            (outbound, Direction::Outbound),
             (inbound6, Direction::Inbound),
             (outbound6, Direction::Outbound),
         ] {
-            if let Some(l) = listener {
-                tasks.spawn(listen::run(
-                    l,
-                    shared(direction),
-                    listener_cfg.clone(),
-                    shutdown_rx.clone(),
-                ));
+            for (i, listener) in listeners.into_iter().enumerate() {
+                per_worker[i].push((listener, direction));
             }
+        }
+        let mut per_worker = per_worker.into_iter().map(|listeners| {
+            // Each worker its own app connections: a pooled connection stays on the runtime
+            // whose reactor drives it.
+            let upstream = Upstream::new(CONNECT_TIMEOUT);
+            listeners
+                .into_iter()
+                .map(|(listener, direction)| {
+                    let shared = Arc::new(Shared {
+                        direction,
+                        telemetry: telemetry.clone(),
+                        upstream: upstream.clone(),
+                        connect_timeout: CONNECT_TIMEOUT,
+                        listen_port: match direction {
+                            Direction::Inbound => inbound_addr.port(),
+                            Direction::Outbound => outbound_addr.port(),
+                        },
+                    });
+                    (listener, shared)
+                })
+                .collect::<WorkerListeners>()
+        });
+        let mut tasks = JoinSet::new();
+        if let Some(first) = per_worker.next() {
+            tasks.spawn(serve_worker(
+                first,
+                listener_cfg.clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+        let mut workers = Vec::new();
+        for (i, listeners) in per_worker.enumerate() {
+            let (done, done_rx) = tokio::sync::oneshot::channel();
+            let cfg = listener_cfg.clone();
+            let stop = shutdown_rx.clone();
+            std::thread::Builder::new()
+                .name(format!("tracecar-w{}", i + 1)) // comm keeps 15 bytes
+                .spawn(move || {
+                    match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt.block_on(serve_worker(listeners, cfg, stop)),
+                        Err(e) => tracing::error!(error = %e, "cannot start a worker runtime"),
+                    }
+                    let _ = done.send(());
+                })
+                .context("cannot start a worker thread")?;
+            workers.push(done_rx);
         }
         tasks.spawn(crate::admin::run(
             admin_listener,
@@ -160,6 +249,7 @@ impl Proxy {
             admin,
             shutdown,
             tasks,
+            workers,
             drain_timeout: config.drain_timeout,
         })
     }
@@ -176,6 +266,9 @@ impl Proxy {
         let deadline = self.drain_timeout + Duration::from_secs(1);
         let _ = tokio::time::timeout(deadline, async {
             while self.tasks.join_next().await.is_some() {}
+            for worker in self.workers.drain(..) {
+                let _ = worker.await;
+            }
         })
         .await;
         if !self.telemetry.flush(Duration::from_secs(10)).await {

@@ -667,3 +667,48 @@ async fn kubelet_probes_are_proxied_but_not_traced_unless_asked() {
         );
     }
 }
+
+/// `TRACECAR_WORKER_THREADS=3`: three single-threaded workers share the listeners
+/// (SO_REUSEPORT); every connection is served whichever worker the kernel picks, each request is
+/// traced once, and SIGTERM drains all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_workers_share_the_listeners() {
+    let sink = Sink::start().await;
+    let app = App::start().await;
+    let mut proxy = ProxyProcess::spawn(&env(&sink, &app, &[("TRACECAR_WORKER_THREADS", "3")]));
+    let names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", proxy.pid()))
+        .expect("task list")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|c| c.trim().to_string())
+        .collect();
+    for worker in ["tracecar-w1", "tracecar-w2"] {
+        assert!(names.iter().any(|n| n == worker), "{worker} in {names:?}");
+    }
+    // New connections from many source ports, so the kernel's hash spreads them.
+    let inbound = proxy.inbound;
+    let answers = tokio::task::spawn_blocking(move || {
+        (0..40)
+            .map(|i| {
+                raw_exchange(
+                    inbound,
+                    format!("GET /w/{i} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for a in &answers {
+        assert!(a.starts_with("HTTP/1.1 200"), "{a:?}");
+    }
+    let url = format!("http://{}/slow/400", proxy.inbound);
+    let slow = tokio::spawn(async move { get(&url, &[]).await.0 });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let status = tokio::task::block_in_place(|| proxy.terminate(WAIT));
+    assert!(status.success(), "exit {status}");
+    assert_eq!(slow.await.unwrap(), 200, "the in-flight request finished");
+    let spans = sink.wait_for(41, WAIT).await;
+    assert_eq!(spans.iter().filter(|s| s.kind == "SERVER").count(), 41);
+}
