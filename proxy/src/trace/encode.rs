@@ -365,34 +365,25 @@ mod tests {
             .build()
     }
 
-    /// What opentelemetry-proto makes of the same spans.
-    fn reference(resource: &Resource, spans: &[SpanData]) -> ExportTraceServiceRequest {
-        let mut req = ExportTraceServiceRequest {
-            resource_spans: group_spans_by_resource_and_scope(spans.to_vec(), &resource.into()),
-        };
+    /// Scopes in name order: the reference groups them through a HashMap.
+    fn sorted(mut req: ExportTraceServiceRequest) -> ExportTraceServiceRequest {
         for rs in &mut req.resource_spans {
-            rs.scope_spans.sort_by(|a, b| {
-                a.scope
-                    .as_ref()
-                    .map(|s| &s.name)
-                    .cmp(&b.scope.as_ref().map(|s| &s.name))
-            });
+            rs.scope_spans
+                .sort_by_key(|ss| ss.scope.as_ref().map(|s| s.name.clone()));
         }
         req
     }
 
+    /// What opentelemetry-proto makes of the same spans.
+    fn reference(resource: &Resource, spans: &[SpanData]) -> ExportTraceServiceRequest {
+        sorted(ExportTraceServiceRequest {
+            resource_spans: group_spans_by_resource_and_scope(spans.to_vec(), &resource.into()),
+        })
+    }
+
     fn ours(resource: &Resource, spans: &[SpanData]) -> ExportTraceServiceRequest {
         let bytes = export_request(resource, spans);
-        let mut req = ExportTraceServiceRequest::decode(bytes.as_slice()).expect("decodes");
-        for rs in &mut req.resource_spans {
-            rs.scope_spans.sort_by(|a, b| {
-                a.scope
-                    .as_ref()
-                    .map(|s| &s.name)
-                    .cmp(&b.scope.as_ref().map(|s| &s.name))
-            });
-        }
-        req
+        sorted(ExportTraceServiceRequest::decode(bytes.as_slice()).expect("decodes"))
     }
 
     #[test]

@@ -94,6 +94,27 @@ fn header_str(headers: &HeaderMap, name: http::header::HeaderName) -> Option<&st
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// Starts a span over a `HeaderMap`: Host and User-Agent taken from it, context read from it,
+/// and the proxy's context written back into it.
+fn over_headers(
+    info: RequestInfo<'_>,
+    headers: &mut HeaderMap,
+    start: impl FnOnce(RequestInfo<'_>, &dyn Extractor, &mut dyn Injector) -> RequestSpan,
+) -> RequestSpan {
+    let mut injected = Injected::default();
+    let span = {
+        let h = &*headers;
+        let info = RequestInfo {
+            host: header_str(h, http::header::HOST),
+            user_agent: header_str(h, http::header::USER_AGENT),
+            ..info
+        };
+        start(info, &HeaderExtractor(h), &mut injected)
+    };
+    injected.apply(headers);
+    span
+}
+
 /// A request's span and timing; ends the span and records metrics when dropped.
 #[derive(Debug)]
 pub struct RequestSpan {
@@ -207,18 +228,7 @@ impl Telemetry {
         info: RequestInfo<'_>,
         headers: &mut HeaderMap,
     ) -> RequestSpan {
-        let mut injected = Injected::default();
-        let span = {
-            let h = &*headers;
-            let info = RequestInfo {
-                host: header_str(h, http::header::HOST),
-                user_agent: header_str(h, http::header::USER_AGENT),
-                ..info
-            };
-            self.server_span_with(info, &HeaderExtractor(h), &mut injected)
-        };
-        injected.apply(headers);
-        span
+        over_headers(info, headers, |i, e, inj| self.server_span_with(i, e, inj))
     }
 
     /// [`Telemetry::server_span`] over any header representation: context is read from
@@ -250,18 +260,7 @@ impl Telemetry {
         info: RequestInfo<'_>,
         headers: &mut HeaderMap,
     ) -> RequestSpan {
-        let mut injected = Injected::default();
-        let span = {
-            let h = &*headers;
-            let info = RequestInfo {
-                host: header_str(h, http::header::HOST),
-                user_agent: header_str(h, http::header::USER_AGENT),
-                ..info
-            };
-            self.client_span_with(info, &HeaderExtractor(h), &mut injected)
-        };
-        injected.apply(headers);
-        span
+        over_headers(info, headers, |i, e, inj| self.client_span_with(i, e, inj))
     }
 
     /// [`Telemetry::client_span`] over any header representation.
