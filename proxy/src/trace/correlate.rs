@@ -6,7 +6,7 @@
 //! in flight. That is exact for apps that serve one request at a time and a best guess under
 //! concurrency; spans linked this way carry `tracecar.correlation=inflight`.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,10 +16,11 @@ use opentelemetry::trace::SpanContext;
 #[derive(Debug, Default)]
 pub struct Inflight {
     next: AtomicU64,
-    // One entry per request in flight, keyed by arrival order (newest last); a short critical
-    // section, taken once per request. A map, not a Vec: under many concurrent requests,
-    // removing from the middle of a Vec moved the entries behind it on every request.
-    slots: Mutex<BTreeMap<u64, SpanContext>>,
+    // Requests in arrival order (ids ascending, newest last); a finished one leaves a hole
+    // (`None`) that is trimmed once it reaches either end. A short critical section, taken once
+    // per request; no allocation once the ring has grown to the app's concurrency, and nothing
+    // moves when a request in the middle finishes.
+    slots: Mutex<VecDeque<(u64, Option<SpanContext>)>>,
 }
 
 /// Removes its entry from [`Inflight`] when the inbound request ends.
@@ -34,7 +35,7 @@ impl Inflight {
     pub fn enter(self: &Arc<Self>, cx: SpanContext) -> InflightGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut slots) = self.slots.lock() {
-            slots.insert(id, cx);
+            slots.push_back((id, Some(cx)));
         }
         InflightGuard {
             owner: self.clone(),
@@ -44,18 +45,23 @@ impl Inflight {
 
     /// The newest inbound span still in flight.
     pub fn newest(&self) -> Option<SpanContext> {
-        self.slots
-            .lock()
-            .ok()?
-            .last_key_value()
-            .map(|(_, cx)| cx.clone())
+        let slots = self.slots.lock().ok()?;
+        slots.iter().rev().find_map(|(_, cx)| cx.clone())
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         if let Ok(mut slots) = self.owner.slots.lock() {
-            slots.remove(&self.id);
+            if let Ok(i) = slots.binary_search_by_key(&self.id, |(id, _)| *id) {
+                slots[i].1 = None;
+            }
+            while slots.back().is_some_and(|(_, cx)| cx.is_none()) {
+                slots.pop_back();
+            }
+            while slots.front().is_some_and(|(_, cx)| cx.is_none()) {
+                slots.pop_front();
+            }
         }
     }
 }
@@ -86,5 +92,27 @@ mod tests {
         assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(1));
         drop(a);
         assert!(inflight.newest().is_none());
+    }
+
+    #[test]
+    fn finishing_out_of_order_keeps_the_newest_live_one() {
+        let inflight = Arc::new(Inflight::default());
+        let guards: Vec<_> = (1..=5).map(|n| inflight.enter(sc(n))).collect();
+        let mut guards: Vec<Option<InflightGuard>> = guards.into_iter().map(Some).collect();
+        guards[4].take(); // 5 finishes: 4 is the newest
+        assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(4));
+        guards[1].take(); // 2 leaves a hole in the middle
+        guards[3].take(); // 4 finishes: the hole at 2 is skipped, 3 is the newest
+        assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(3));
+        let late = inflight.enter(sc(6));
+        assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(6));
+        drop(late);
+        guards[0].take();
+        guards[2].take();
+        assert!(inflight.newest().is_none());
+        assert!(
+            inflight.slots.lock().unwrap().is_empty(),
+            "holes are trimmed"
+        );
     }
 }

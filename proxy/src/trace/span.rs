@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::pin::Pin;
 use std::task::{Context as TaskContext, Poll};
-use std::time::Instant;
+use std::time::SystemTime;
 
 use http::{HeaderMap, Method, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -120,7 +120,8 @@ fn over_headers(
 pub struct RequestSpan {
     span: SdkSpan,
     direction: Direction,
-    started: Instant,
+    /// Also the span's start time: one clock read serves both (and one more at the end).
+    started: SystemTime,
     status: Option<u16>,
     telemetry: std::sync::Arc<Telemetry>,
     _inflight: Option<InflightGuard>,
@@ -330,7 +331,7 @@ impl Telemetry {
         RequestSpan {
             span,
             direction: Direction::Outbound,
-            started: Instant::now(),
+            started: SystemTime::now(),
             status: None,
             telemetry: self.clone(),
             _inflight: None,
@@ -368,8 +369,10 @@ impl Telemetry {
         parent: &Context,
         direction: Direction,
     ) -> RequestSpan {
+        let started = SystemTime::now();
         let builder = SpanBuilder::from_name(method_name(info.method))
             .with_kind(kind)
+            .with_start_time(started)
             .with_attributes(attributes(&info));
         let span = self.tracer.build_with_context(builder, parent);
         if let Some(p) = &self.propagator {
@@ -381,7 +384,7 @@ impl Telemetry {
         RequestSpan {
             span,
             direction,
-            started: Instant::now(),
+            started,
             status: None,
             telemetry: self.clone(),
             _inflight: None,
@@ -430,11 +433,15 @@ impl RequestSpan {
 impl Drop for RequestSpan {
     fn drop(&mut self) {
         use opentelemetry::trace::Span as _;
-        self.span.end();
+        let ended = SystemTime::now();
+        self.span.end_with_timestamp(ended);
         let m = self.telemetry.metrics.direction(self.direction);
         if self.count_request {
             m.open_requests.dec();
-            m.record(self.status, self.started.elapsed());
+            m.record(
+                self.status,
+                ended.duration_since(self.started).unwrap_or_default(),
+            );
         }
     }
 }
