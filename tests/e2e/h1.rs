@@ -19,6 +19,9 @@ const IO: Duration = Duration::from_secs(5);
 fn env(sink: &Sink, target: &str) -> Vec<(String, String)> {
     let mut e = base_env(&sink.endpoint());
     e.push(("TRACECAR_INBOUND_TARGET".into(), target.into()));
+    // One worker: app connections are pooled per worker, and these tests follow one app
+    // connection from one client connection to the next.
+    e.push(("TRACECAR_WORKER_THREADS".into(), "1".into()));
     e
 }
 

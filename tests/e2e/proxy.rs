@@ -608,7 +608,8 @@ async fn otlp_headers_reach_the_collector_over_both_protocols() {
 async fn upstream_connections_are_pooled() {
     let sink = Sink::start().await;
     let app = App::start().await;
-    let proxy = ProxyProcess::spawn(&env(&sink, &app, &[]));
+    // One worker: each worker has its own pool, and the kernel picks the worker per connection.
+    let proxy = ProxyProcess::spawn(&env(&sink, &app, &[("TRACECAR_WORKER_THREADS", "1")]));
     for i in 0..20 {
         // A new client connection each time: only the proxy's side can reuse anything.
         let answer = raw_exchange(
