@@ -56,6 +56,8 @@ pub struct Telemetry {
     context_headers: Vec<String>,
     /// Jaeger baggage rides in `uberctx-*` headers, which no fixed list names.
     jaeger_baggage: bool,
+    /// Injection without the composite propagator, for the default formats.
+    w3c: Option<propagate::W3cInjector>,
     inflight: Option<Arc<correlate::Inflight>>,
     export: Option<export::ExportHandle>,
     pub metrics: Arc<Metrics>,
@@ -128,6 +130,7 @@ impl Telemetry {
             propagator,
             context_headers,
             jaeger_baggage,
+            w3c: propagate::W3cInjector::for_formats(&config.propagators),
             inflight,
             export,
             metrics,

@@ -74,7 +74,7 @@ impl TextMapPropagator for W3cTraceContext {
 }
 
 /// `00-<trace id>-<span id>-<flags>`, only the sampled flag kept (as the SDK does).
-fn traceparent(sc: &SpanContext) -> String {
+pub fn traceparent(sc: &SpanContext) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 55];
     out[..3].copy_from_slice(b"00-");
@@ -97,6 +97,44 @@ fn traceparent(sc: &SpanContext) -> String {
     out[52] = b'-';
     // Only ASCII was written.
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The default formats (`tracecontext`, optionally `baggage`) injected without building a
+/// `Context` for the proxy's span (an allocation per request): `traceparent` and `tracestate`
+/// come straight from the span context, `baggage` from the request's own context, which is
+/// where the baggage is. The result is what [`composite`] writes for the same formats.
+#[derive(Debug)]
+pub struct W3cInjector {
+    baggage: Option<BaggagePropagator>,
+}
+
+impl W3cInjector {
+    /// `Some` when `formats` is `tracecontext` with or without `baggage` and nothing else.
+    pub fn for_formats(formats: &[Propagator]) -> Option<Self> {
+        let only_w3c = formats
+            .iter()
+            .all(|f| matches!(f, Propagator::TraceContext | Propagator::Baggage));
+        (only_w3c && formats.contains(&Propagator::TraceContext)).then(|| W3cInjector {
+            baggage: formats
+                .contains(&Propagator::Baggage)
+                .then(BaggagePropagator::new),
+        })
+    }
+
+    /// Writes the proxy span `sc`, child of `parent`, into `injector`.
+    pub fn inject(&self, sc: &SpanContext, parent: &Context, injector: &mut dyn Injector) {
+        if !sc.is_valid() {
+            return;
+        }
+        injector.set("traceparent", traceparent(sc));
+        let state = sc.trace_state().header();
+        if !state.is_empty() {
+            injector.set("tracestate", state);
+        }
+        if let Some(b) = &self.baggage {
+            b.inject_context(parent, injector);
+        }
+    }
 }
 
 /// True for the first B3 variant in the list.
@@ -155,6 +193,42 @@ mod tests {
             traceparent(ctx().span().span_context()),
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         );
+    }
+
+    #[test]
+    fn the_w3c_fast_path_writes_what_the_composite_writes() {
+        use opentelemetry::baggage::BaggageExt;
+        use opentelemetry::KeyValue;
+        assert!(W3cInjector::for_formats(&[Propagator::TraceContext, Propagator::B3]).is_none());
+        assert!(W3cInjector::for_formats(&[Propagator::Baggage]).is_none());
+        let child = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("1111111111111111").unwrap(),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::from_key_value([("v", "1")]).unwrap(),
+        );
+        for formats in [
+            vec![Propagator::TraceContext],
+            vec![Propagator::TraceContext, Propagator::Baggage],
+            vec![Propagator::Baggage, Propagator::TraceContext],
+        ] {
+            for parent in [
+                ctx(),
+                ctx().with_baggage([KeyValue::new("user", "alice")]),
+                Context::new(),
+            ] {
+                let (mut fast, mut slow) = (http::HeaderMap::new(), http::HeaderMap::new());
+                W3cInjector::for_formats(&formats).unwrap().inject(
+                    &child,
+                    &parent,
+                    &mut HeaderInjector(&mut fast),
+                );
+                let cx = parent.with_remote_span_context(child.clone());
+                composite(&formats).inject_context(&cx, &mut HeaderInjector(&mut slow));
+                assert_eq!(fast, slow, "{formats:?}");
+            }
+        }
     }
 
     #[test]

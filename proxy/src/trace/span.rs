@@ -375,7 +375,13 @@ impl Telemetry {
             .with_start_time(started)
             .with_attributes(attributes(&info));
         let span = self.tracer.build_with_context(builder, parent);
-        if let Some(p) = &self.propagator {
+        if let Some(w3c) = &self.w3c {
+            w3c.inject(
+                opentelemetry::trace::Span::span_context(&span),
+                parent,
+                injector,
+            );
+        } else if let Some(p) = &self.propagator {
             let cx = parent
                 .with_remote_span_context(opentelemetry::trace::Span::span_context(&span).clone());
             p.inject_context(&cx, injector);
