@@ -37,6 +37,9 @@ const MAX_RESPONSE_HEADERS: usize = 1024;
 const MAX_HEAD: usize = 64 * 1024;
 /// The least free space offered to each read.
 const READ_CHUNK: usize = 16 * 1024;
+/// What a connection starts with: enough for typical heads (a sidecar holds many idle
+/// connections, so buffers grow to [`READ_CHUNK`] only when a body needs it).
+const FIRST_BUF: usize = 4 * 1024;
 /// Idle pooled app connections older than this are closed rather than reused.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 /// Idle app connections kept per destination.
@@ -120,12 +123,12 @@ pub async fn serve(
     client: &mut TcpStream,
     mut shutdown: watch::Receiver<bool>,
 ) -> Outcome {
-    let mut inbuf = BytesMut::with_capacity(READ_CHUNK);
+    let mut inbuf = BytesMut::with_capacity(FIRST_BUF);
     let mut up: Option<Upstream> = None;
     let pool = &conn.shared.upstream.idle;
     // Per-connection scratch, reused by every request: the rewritten heads and the propagation
     // headers.
-    let mut out = Vec::with_capacity(READ_CHUNK);
+    let mut out = Vec::with_capacity(FIRST_BUF / 4);
     let mut injected = Injected::default();
     let outcome = loop {
         // 1. A complete request head, routed, its span started and its head rewritten for the app.
@@ -139,7 +142,7 @@ pub async fn serve(
             } else if *shutdown.borrow() {
                 break Prepared::Closed;
             }
-            if inbuf.capacity() - inbuf.len() < READ_CHUNK / 4 {
+            if inbuf.capacity() - inbuf.len() < FIRST_BUF / 4 {
                 inbuf.reserve(READ_CHUNK);
             }
             let read = tokio::select! {
@@ -641,7 +644,7 @@ async fn connect(
         return Ok(Upstream {
             target: target.clone(),
             stream,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::with_capacity(FIRST_BUF),
             reused: true,
         });
     }
@@ -652,7 +655,7 @@ async fn connect(
             Ok(Upstream {
                 target: target.clone(),
                 stream,
-                buf: BytesMut::with_capacity(READ_CHUNK),
+                buf: BytesMut::with_capacity(FIRST_BUF),
                 reused: false,
             })
         }
@@ -747,7 +750,7 @@ async fn read_response_head(
                 }
             }
         }
-        if u.buf.capacity() - u.buf.len() < READ_CHUNK / 4 {
+        if u.buf.capacity() - u.buf.len() < FIRST_BUF / 4 {
             u.buf.reserve(READ_CHUNK);
         }
         if u.stream.read_buf(&mut u.buf).await? == 0 {
