@@ -33,8 +33,11 @@ pub struct InflightGuard {
 impl Inflight {
     /// Records `cx` as in flight until the returned guard is dropped.
     pub fn enter(self: &Arc<Self>, cx: SpanContext) -> InflightGuard {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        // The id is taken under the lock, so ids stay in push order (the guard finds its entry
+        // by binary search) even when several workers enter at once.
+        let mut id = 0;
         if let Ok(mut slots) = self.slots.lock() {
+            id = self.next.fetch_add(1, Ordering::Relaxed);
             slots.push_back((id, Some(cx)));
         }
         InflightGuard {
@@ -92,6 +95,33 @@ mod tests {
         assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(1));
         drop(a);
         assert!(inflight.newest().is_none());
+    }
+
+    #[test]
+    fn concurrent_workers_leave_nothing_behind() {
+        let inflight = Arc::new(Inflight::default());
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let inflight = inflight.clone();
+                std::thread::spawn(move || {
+                    for n in 0..20_000u64 {
+                        let guard = inflight.enter(sc(t * 1_000_000 + n + 1));
+                        if n % 3 == 0 {
+                            std::thread::yield_now();
+                        }
+                        drop(guard);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(inflight.newest().is_none());
+        assert!(
+            inflight.slots.lock().unwrap().is_empty(),
+            "every finished request left the table"
+        );
     }
 
     #[test]
