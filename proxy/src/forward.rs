@@ -158,7 +158,8 @@ fn classify(target: &str, e: &hyper_util::client::legacy::Error) -> ForwardError
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources, `outer: inner: ...`, for span statuses and log lines.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut source = e.source();
     while let Some(inner) = source {

@@ -34,6 +34,9 @@ pub struct RecvSpan {
     pub status: String,
     /// The sampled flag and the rest of the W3C flags.
     pub flags: u32,
+    /// Attribute keys sent more than once (OTLP requires unique keys; `spans` refuses these).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub repeated_keys: Vec<String>,
 }
 
 impl RecvSpan {
@@ -55,6 +58,15 @@ fn any_json(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> ser
         Some(other) => serde_json::json!(format!("{other:?}")),
         None => serde_json::Value::Null,
     }
+}
+
+/// Keys that occur more than once in `kvs`.
+fn repeated(kvs: &[KeyValue]) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    kvs.iter()
+        .filter(|kv| !seen.insert(kv.key.as_str()))
+        .map(|kv| kv.key.clone())
+        .collect()
 }
 
 fn kv_map(kvs: &[KeyValue]) -> BTreeMap<String, serde_json::Value> {
@@ -103,6 +115,7 @@ pub fn flatten(req: &ExportTraceServiceRequest) -> Vec<RecvSpan> {
                     attributes: kv_map(&s.attributes),
                     status: status.to_string(),
                     flags: s.flags,
+                    repeated_keys: repeated(&s.attributes),
                 });
             }
         }
@@ -259,12 +272,25 @@ impl Sink {
         format!("http://{}", self.addr)
     }
 
+    /// Every span received so far. Every test reads spans through here, so each one also checks
+    /// that no span repeats an attribute key.
     pub fn spans(&self) -> Vec<RecvSpan> {
-        self.state
+        let spans = self
+            .state
             .spans
             .lock()
             .map(|s| s.clone())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        for s in &spans {
+            assert!(
+                s.repeated_keys.is_empty(),
+                "span {} {} repeats attributes {:?}",
+                s.kind,
+                s.name,
+                s.repeated_keys
+            );
+        }
+        spans
     }
 
     /// Headers of the last export request received.

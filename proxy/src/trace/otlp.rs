@@ -401,7 +401,7 @@ async fn post(
     let transport = |message: String| classify_http(Some(HttpAnswer::Transport), message);
     let response = match tokio::time::timeout(timeout, client.request(request)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(transport(chain(&e))),
+        Ok(Err(e)) => return Err(transport(crate::forward::error_chain(&e))),
         Err(_) => return Err(transport("export request timed out".into())),
     };
     let (parts, body) = response.into_parts();
@@ -446,7 +446,7 @@ fn classify_grpc(status: &tonic::Status) -> ExportFailure {
             "gRPC {:?}: {} ({})",
             status.code(),
             status.message(),
-            chain(src)
+            crate::forward::error_chain(src)
         ),
         None => format!("gRPC {:?}: {}", status.code(), status.message()),
     };
@@ -471,17 +471,6 @@ fn classify_grpc(status: &tonic::Status) -> ExportFailure {
         "rejected"
     };
     ExportFailure::new(retry, reason, message)
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(s) = next {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        next = s.source();
-    }
-    out
 }
 
 /// OTLP/HTTP failure handling: 429, 502, 503, 504 and network errors are transient, honouring

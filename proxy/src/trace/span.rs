@@ -56,10 +56,6 @@ const KNOWN_KEYS: [&str; 9] = [
 
 impl Injector for Injected {
     fn set(&mut self, key: &str, value: String) {
-        // The W3C propagator writes `tracestate` even when there is none; an empty header is noise.
-        if value.is_empty() && key.eq_ignore_ascii_case("tracestate") {
-            return;
-        }
         let key = match KNOWN_KEYS.iter().find(|k| k.eq_ignore_ascii_case(key)) {
             Some(k) => Cow::Borrowed(*k),
             None => Cow::Owned(key.to_ascii_lowercase()),
@@ -123,6 +119,9 @@ pub struct RequestSpan {
     /// Also the span's start time: one clock read serves both (and one more at the end).
     started: SystemTime,
     status: Option<u16>,
+    /// `error.type`, written once when the span ends: a failure's own class wins over the
+    /// status code (OTLP attribute keys are unique).
+    error_type: Option<Cow<'static, str>>,
     telemetry: std::sync::Arc<Telemetry>,
     _inflight: Option<InflightGuard>,
     /// False for opaque connection spans, which are not HTTP requests.
@@ -333,6 +332,7 @@ impl Telemetry {
             direction: Direction::Outbound,
             started: SystemTime::now(),
             status: None,
+            error_type: None,
             telemetry: self.clone(),
             _inflight: None,
             count_request: false,
@@ -392,6 +392,7 @@ impl Telemetry {
             direction,
             started,
             status: None,
+            error_type: None,
             telemetry: self.clone(),
             _inflight: None,
             count_request: true,
@@ -416,8 +417,8 @@ impl RequestSpan {
             Direction::Outbound => code >= 400,
         };
         if error {
-            self.span
-                .set_attribute(KeyValue::new("error.type", code.to_string()));
+            self.error_type
+                .get_or_insert_with(|| Cow::Owned(code.to_string()));
             self.span.set_status(Status::error(""));
         }
     }
@@ -425,8 +426,7 @@ impl RequestSpan {
     /// Marks the request as failed without a response from upstream (`error.type`).
     pub fn fail(&mut self, error_type: &'static str, message: String) {
         use opentelemetry::trace::Span as _;
-        self.span
-            .set_attribute(KeyValue::new("error.type", error_type));
+        self.error_type = Some(Cow::Borrowed(error_type));
         self.span.set_status(Status::error(message));
     }
 
@@ -439,6 +439,9 @@ impl RequestSpan {
 impl Drop for RequestSpan {
     fn drop(&mut self) {
         use opentelemetry::trace::Span as _;
+        if let Some(t) = self.error_type.take() {
+            self.span.set_attribute(KeyValue::new("error.type", t));
+        }
         let ended = SystemTime::now();
         self.span.end_with_timestamp(ended);
         let m = self.telemetry.metrics.direction(self.direction);
