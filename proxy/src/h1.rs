@@ -783,21 +783,22 @@ fn response_start(
     if status == 101 || !(200..600).contains(&status) {
         return Err(invalid("unexpected status from the app"));
     }
-    let mut framing = Framing::Close;
+    // RFC 9112 §6.3: transfer-encoding wins over content-length; chunked must be the last
+    // coding, else the body ends at close; differing lengths are an error.
+    let mut coded: Option<bool> = None;
+    let mut length: Option<u64> = None;
     let mut keep_alive = resp.version == Some(1);
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            // Chunked must be the last coding; otherwise the body ends at close.
             let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-            framing = if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                Framing::Chunked
-            } else {
-                Framing::Close
-            };
-        } else if h.name.eq_ignore_ascii_case("content-length") && framing != Framing::Chunked {
+            coded = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("content-length") {
             let n = content_length_value(h.value)
                 .ok_or_else(|| invalid("bad content-length from the app"))?;
-            framing = Framing::Length(n);
+            if length.is_some_and(|l| l != n) {
+                return Err(invalid("conflicting content-length from the app"));
+            }
+            length = Some(n);
         } else if h.name.eq_ignore_ascii_case("connection") {
             for t in h.value.split(|b| *b == b',') {
                 let t = t.trim_ascii();
@@ -809,13 +810,19 @@ fn response_start(
             }
         }
     }
+    let mut framing = match (coded, length) {
+        (Some(true), _) => Framing::Chunked,
+        (Some(false), _) | (None, None) => Framing::Close,
+        (None, Some(n)) => Framing::Length(n),
+    };
     // RFC 9112 §6.3: these never have a body, whatever the headers say.
     if head_request || status == 204 || status == 304 || framing == Framing::Length(0) {
         framing = Framing::None;
     }
     let close_client = close || framing == Framing::Close;
     out.clear();
-    write_parsed_response_head(out, resp, close_client);
+    // A content-length next to transfer-encoding is not what frames the body: not forwarded.
+    write_parsed_response_head(out, resp, close_client, coded.is_some());
     Ok(ResponseStart::Final(ResponseHead {
         head_len: n,
         status,
@@ -827,7 +834,12 @@ fn response_start(
 
 /// The client's response head: `HTTP/1.1`, connection headers dropped, `connection: close`
 /// when this is the connection's last response.
-fn write_parsed_response_head(out: &mut Vec<u8>, resp: &httparse::Response<'_, '_>, close: bool) {
+fn write_parsed_response_head(
+    out: &mut Vec<u8>,
+    resp: &httparse::Response<'_, '_>,
+    close: bool,
+    drop_length: bool,
+) {
     let code = resp.code.unwrap_or(502);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa3(code).as_slice());
@@ -848,7 +860,11 @@ fn write_parsed_response_head(out: &mut Vec<u8>, resp: &httparse::Response<'_, '
     let listed =
         |name: &str| any_listed && tokens().any(|t| t.eq_ignore_ascii_case(name.as_bytes()));
     for h in resp.headers.iter() {
-        if hop_by_hop(h.name) || h.name.eq_ignore_ascii_case("te") || listed(h.name) {
+        if hop_by_hop(h.name)
+            || h.name.eq_ignore_ascii_case("te")
+            || listed(h.name)
+            || (drop_length && h.name.eq_ignore_ascii_case("content-length"))
+        {
             continue;
         }
         out.extend_from_slice(h.name.as_bytes());
@@ -1122,12 +1138,43 @@ mod tests {
         assert_eq!(split_target("*"), (None, "*"));
     }
 
+    fn start(head: &[u8]) -> io::Result<(ResponseStart, String)> {
+        let mut out = Vec::new();
+        let r = parse_response(head, |parsed, resp| {
+            response_start(parsed, resp, false, false, &mut out)
+        })?;
+        Ok((r, String::from_utf8_lossy(&out).into_owned()))
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        // Transfer-encoding wins, and the stale length does not reach the client.
+        let (r, out) =
+            start(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
+                .unwrap();
+        assert!(matches!(r, ResponseStart::Final(ref h) if h.framing == Framing::Chunked));
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        // Repeated equal lengths are one length; differing ones are refused.
+        let (r, _) =
+            start(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n").unwrap();
+        assert!(matches!(r, ResponseStart::Final(ref h) if h.framing == Framing::Length(3)));
+        assert!(
+            start(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n").is_err()
+        );
+        // Neither: the body ends when the app closes, and so does the client connection.
+        let (r, out) = start(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+        assert!(
+            matches!(r, ResponseStart::Final(ref h) if h.framing == Framing::Close && h.close_client)
+        );
+        assert!(out.ends_with("connection: close\r\n\r\n"), "{out}");
+    }
+
     #[test]
     fn response_heads_lose_connection_headers() {
         let head = b"HTTP/1.0 200 OK\r\nConnection: keep-alive, x-h\r\nX-H: 1\r\nKeep-Alive: 5\r\nContent-Length: 2\r\n\r\n";
         let mut out = Vec::new();
         parse_response(head, |_, resp| {
-            write_parsed_response_head(&mut out, resp, true)
+            write_parsed_response_head(&mut out, resp, true, false)
         });
         assert_eq!(
             String::from_utf8_lossy(&out),

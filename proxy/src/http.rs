@@ -2,7 +2,6 @@
 //! end the span with the response.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +33,6 @@ pub struct Shared {
 #[derive(Debug)]
 pub struct Conn {
     pub shared: Arc<Shared>,
-    pub peer: SocketAddr,
     /// Fixed destination (original destination, or the inbound target); `None` on the outbound
     /// listener means forward-proxy routing by the request itself.
     pub target: Option<Arc<str>>,

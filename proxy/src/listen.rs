@@ -95,7 +95,6 @@ async fn handle(
         serve(
             Conn {
                 shared,
-                peer,
                 peer_ip: peer.ip().to_string().into(),
                 target,
             },
@@ -115,7 +114,6 @@ async fn handle(
             serve(
                 Conn {
                     shared,
-                    peer,
                     peer_ip: peer.ip().to_string().into(),
                     target: Some(dst.to_string().into()),
                 },
@@ -130,14 +128,14 @@ async fn handle(
             // Outbound TLS gets one CLIENT span per connection; inbound TLS is the app's own.
             let span = (shared.direction == Direction::Outbound)
                 .then(|| shared.telemetry.tls_span(sni.as_deref(), dst));
-            splice(stream, dst, span).await;
+            splice(stream, dst, span, shared.connect_timeout).await;
         }
         Protocol::Opaque => {
             shared
                 .telemetry
                 .metrics
                 .connection(shared.direction, "opaque");
-            splice(stream, dst, None).await;
+            splice(stream, dst, None, shared.connect_timeout).await;
         }
     }
 }
@@ -147,8 +145,18 @@ async fn splice(
     mut client: TcpStream,
     dst: SocketAddr,
     mut span: Option<crate::trace::RequestSpan>,
+    connect_timeout: std::time::Duration,
 ) {
-    match TcpStream::connect(dst).await {
+    // The same bound as HTTP upstreams: an unreachable destination must not hold the client
+    // for the kernel's SYN timeout.
+    let connect = tokio::time::timeout(connect_timeout, TcpStream::connect(dst));
+    let connected = connect.await.unwrap_or_else(|_| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "timed out connecting",
+        ))
+    });
+    match connected {
         Ok(mut upstream) => {
             let _ = upstream.set_nodelay(true);
             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;

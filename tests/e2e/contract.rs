@@ -109,18 +109,21 @@ async fn proxy_environment_and_ready_hook_work_with_the_proxy() {
         .collect();
     let sink = tracecar_tests::sink::Sink::start().await;
     env.push(("OTEL_EXPORTER_OTLP_ENDPOINT".into(), sink.endpoint()));
-    for (k, v) in &env {
-        if k == "OTEL_TRACES_SAMPLER_ARG" {
-            assert_eq!(v, "0.25");
-        }
-        if k == "TRACECAR_CORRELATION" {
-            assert_eq!(v, "off");
-        }
-    }
+    // The annotations reach the proxy as the variables it reads (a missing one fails here).
+    let var = |name: &str| {
+        env.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("the injector set no {name}"))
+    };
+    assert_eq!(var("OTEL_TRACES_SAMPLER_ARG"), "0.25");
+    assert_eq!(var("TRACECAR_CORRELATION"), "off");
+    assert_eq!(var("TRACECAR_LOG"), "debug");
+    // ...and the proxy starts with them: every value passes its validation.
     let running = ProxyProcess::spawn(&env);
     assert!(
         running.stderr().contains("\"level\":\"INFO\""),
-        "JSON logs at the injected level"
+        "JSON logs on stderr"
     );
 
     // The postStart hook of container mode.

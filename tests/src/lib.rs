@@ -258,6 +258,11 @@ pub fn python_with_otel() -> Option<String> {
     if in_ci() {
         panic!("python3 with opentelemetry-sdk is required in CI (install tests/requirements.txt)");
     }
-    eprintln!("SKIP: python3 with opentelemetry-sdk not installed (pip install -r tests/requirements.txt)");
+    // Straight to stderr: `eprintln!` is captured by the test harness, so the skip would not show.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIP: python3 with opentelemetry-sdk not installed (pip install -r tests/requirements.txt)"
+    );
     None
 }

@@ -213,9 +213,12 @@ fn nested(out: &mut Vec<u8>, field: u32, body: impl FnOnce(&mut Vec<u8>)) {
     if len < 0x80 {
         out[at] = len as u8;
     } else {
-        let mut prefix = Vec::with_capacity(10);
-        encode_varint(len as u64, &mut prefix);
-        out.splice(at..at + 1, prefix);
+        // The varint on the stack: no allocation for the many spans longer than 127 bytes.
+        let mut prefix = [0u8; 10];
+        let mut rest = &mut prefix[..];
+        encode_varint(len as u64, &mut rest);
+        let n = 10 - rest.len();
+        out.splice(at..at + 1, prefix[..n].iter().copied());
     }
 }
 

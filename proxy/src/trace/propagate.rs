@@ -52,16 +52,7 @@ struct W3cTraceContext(TraceContextPropagator);
 
 impl TextMapPropagator for W3cTraceContext {
     fn inject_context(&self, cx: &Context, injector: &mut dyn Injector) {
-        let span = cx.span();
-        let sc = span.span_context();
-        if !sc.is_valid() {
-            return;
-        }
-        injector.set("traceparent", traceparent(sc));
-        let state = sc.trace_state().header();
-        if !state.is_empty() {
-            injector.set("tracestate", state);
-        }
+        inject_trace_context(cx.span().span_context(), injector);
     }
 
     fn extract_with_context(&self, cx: &Context, extractor: &dyn Extractor) -> Context {
@@ -70,6 +61,18 @@ impl TextMapPropagator for W3cTraceContext {
 
     fn fields(&self) -> FieldIter<'_> {
         self.0.fields()
+    }
+}
+
+/// `traceparent`, and `tracestate` when there is one.
+fn inject_trace_context(sc: &SpanContext, injector: &mut dyn Injector) {
+    if !sc.is_valid() {
+        return;
+    }
+    injector.set("traceparent", traceparent(sc));
+    let state = sc.trace_state().header();
+    if !state.is_empty() {
+        injector.set("tracestate", state);
     }
 }
 
@@ -126,11 +129,7 @@ impl W3cInjector {
         if !sc.is_valid() {
             return;
         }
-        injector.set("traceparent", traceparent(sc));
-        let state = sc.trace_state().header();
-        if !state.is_empty() {
-            injector.set("tracestate", state);
-        }
+        inject_trace_context(sc, injector);
         if let Some(b) = &self.baggage {
             b.inject_context(parent, injector);
         }

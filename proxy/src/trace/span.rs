@@ -321,16 +321,18 @@ impl Telemetry {
                 "TLS".to_owned()
             }
         };
+        let started = SystemTime::now();
         let span = self.tracer.build_with_context(
             SpanBuilder::from_name(name)
                 .with_kind(SpanKind::Client)
+                .with_start_time(started)
                 .with_attributes(attrs),
             &parent,
         );
         RequestSpan {
             span,
             direction: Direction::Outbound,
-            started: SystemTime::now(),
+            started,
             status: None,
             error_type: None,
             telemetry: self.clone(),
