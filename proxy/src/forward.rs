@@ -139,10 +139,19 @@ pub fn local_response(status: StatusCode, message: impl Into<Bytes>) -> Response
 fn classify(target: &str, e: &hyper_util::client::legacy::Error) -> ForwardError {
     let message = error_chain(e);
     if e.is_connect() {
-        let lower = message.to_ascii_lowercase();
-        if lower.contains("refused") {
+        // The I/O error under hyper's connect error says what happened, as on the lean path.
+        let mut source = std::error::Error::source(e);
+        let mut kind = None;
+        while let Some(inner) = source {
+            if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+                kind = Some(io.kind());
+                break;
+            }
+            source = inner.source();
+        }
+        if kind == Some(std::io::ErrorKind::ConnectionRefused) {
             ForwardError::Refused(target.to_string())
-        } else if lower.contains("timed out") || lower.contains("timeout") {
+        } else if kind == Some(std::io::ErrorKind::TimedOut) {
             ForwardError::Timeout(target.to_string())
         } else {
             ForwardError::Connect {

@@ -359,35 +359,12 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
     }
     let (uri_authority, path_and_query) = split_target(raw_target);
     // Forward-proxy routing: absolute-form URI, else Host.
-    let routed: Option<(String, u16)> = match &conn.target {
+    let routed: Option<(&str, u16)> = match &conn.target {
         Some(_) => None,
         None if shared.direction == Direction::Outbound => {
-            let authority = uri_authority
-                .or(host)
-                .and_then(|a| a.parse::<http::uri::Authority>().ok());
-            match authority {
-                Some(a) => {
-                    let host = a.host().trim_matches(|c| c == '[' || c == ']');
-                    let port = a.port_u16().unwrap_or(80);
-                    if port == shared.listen_port && crate::config::is_local_host(host) {
-                        // Forwarding to ourselves would open connections until fds run out.
-                        shared.telemetry.metrics.outbound.malformed.inc();
-                        return Prepared::Local(
-                            head_len,
-                            StatusCode::LOOP_DETECTED,
-                            "tracecar: the request is addressed to the proxy itself\n",
-                        );
-                    }
-                    Some((host.to_string(), port))
-                }
-                None => {
-                    shared.telemetry.metrics.outbound.malformed.inc();
-                    return Prepared::Local(
-                        head_len,
-                        StatusCode::BAD_REQUEST,
-                        "tracecar: request names no destination (absolute URI or Host header)\n",
-                    );
-                }
+            match shared.route(uri_authority.or(host)) {
+                Ok(r) => Some(r),
+                Err(r) => return Prepared::Local(head_len, r.status, r.message),
             }
         }
         None => None,
@@ -400,8 +377,8 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
         },
         scheme: "http",
         version: Version::HTTP_11,
-        server_address: routed.as_ref().map(|(h, _)| h.as_str()),
-        server_port: routed.as_ref().map(|(_, p)| *p),
+        server_address: routed.map(|(h, _)| h),
+        server_port: routed.map(|(_, p)| p),
         client_address: (shared.direction == Direction::Inbound).then(|| conn.peer_ip.clone()),
         host,
         user_agent,
@@ -418,16 +395,15 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
     };
     let target = match (&conn.target, routed) {
         (Some(t), _) => t.clone(),
-        (None, Some((h, p))) if h.contains(':') => format!("[{h}]:{p}").into(),
-        (None, Some((h, p))) => format!("{h}:{p}").into(),
+        (None, Some((h, p))) => crate::http::target_of(h, p),
         (None, None) => {
-            let e = ForwardError::NoTarget("not redirected and TRACECAR_INBOUND_TARGET is unset");
+            let e = ForwardError::NoTarget(crate::http::NO_TARGET);
             span.set_status(StatusCode::BAD_GATEWAY);
             span.fail(e.error_type(), e.to_string());
             return Prepared::Local(
                 head_len,
                 StatusCode::BAD_GATEWAY,
-                "tracecar: no destination for the request: not redirected and TRACECAR_INBOUND_TARGET is unset\n",
+                crate::http::NO_TARGET_MESSAGE,
             );
         }
     };

@@ -142,6 +142,55 @@ impl tokio::io::AsyncWrite for Rewind {
     }
 }
 
+/// Why the proxy answers a request itself instead of forwarding it.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub message: &'static str,
+}
+
+/// The answer when a connection was not redirected and `TRACECAR_INBOUND_TARGET` is unset.
+pub const NO_TARGET: &str = "not redirected and TRACECAR_INBOUND_TARGET is unset";
+pub const NO_TARGET_MESSAGE: &str =
+    "tracecar: no destination for the request: not redirected and TRACECAR_INBOUND_TARGET is unset\n";
+
+impl Shared {
+    /// Forward-proxy routing, for both HTTP paths: the request's authority (absolute-form URI,
+    /// else `Host`) as host and port. No authority (400) and the proxy's own listener (508, which
+    /// would loop until file descriptors run out) are refused and counted as malformed.
+    pub fn route<'a>(&self, authority: Option<&'a str>) -> Result<(&'a str, u16), Refusal> {
+        let refuse = |status, message| {
+            self.telemetry.metrics.outbound.malformed.inc();
+            Err(Refusal { status, message })
+        };
+        // Userinfo (`user@host`) names no destination.
+        let authority = authority.map(|a| a.rsplit_once('@').map_or(a, |(_, h)| h));
+        let Some((host, port)) = authority.and_then(crate::trace::span::split_host) else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "tracecar: request names no destination (absolute URI or Host header)\n",
+            );
+        };
+        let port = port.unwrap_or(80);
+        if port == self.listen_port && crate::config::is_local_host(host) {
+            return refuse(
+                StatusCode::LOOP_DETECTED,
+                "tracecar: the request is addressed to the proxy itself\n",
+            );
+        }
+        Ok((host, port))
+    }
+}
+
+/// `host:port` for a connect, IPv6 literals in brackets.
+pub fn target_of(host: &str, port: u16) -> Arc<str> {
+    if host.contains(':') {
+        format!("[{host}]:{port}").into()
+    } else {
+        format!("{host}:{port}").into()
+    }
+}
+
 fn split_authority(a: &http::uri::Authority, default_port: u16) -> (String, u16) {
     let host = a.host().trim_matches(|c| c == '[' || c == ']');
     (host.to_string(), a.port_u16().unwrap_or(default_port))
@@ -160,33 +209,14 @@ impl Conn {
         let routed: Option<(String, u16)> = match &self.target {
             Some(_) => None,
             None if shared.direction == Direction::Outbound => {
-                let from_uri = req.uri().authority().cloned();
-                let from_host = || {
+                let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| {
                     req.headers()
                         .get(http::header::HOST)
                         .and_then(|h| h.to_str().ok())
-                        .and_then(|h| h.parse::<http::uri::Authority>().ok())
-                };
-                match from_uri.or_else(from_host) {
-                    Some(a) => {
-                        let (host, port) = split_authority(&a, 80);
-                        if port == shared.listen_port && crate::config::is_local_host(&host) {
-                            // Forwarding to ourselves would open connections until fds run out.
-                            shared.telemetry.metrics.outbound.malformed.inc();
-                            return local_response(
-                                StatusCode::LOOP_DETECTED,
-                                "tracecar: the request is addressed to the proxy itself\n",
-                            );
-                        }
-                        Some((host, port))
-                    }
-                    None => {
-                        shared.telemetry.metrics.outbound.malformed.inc();
-                        return local_response(
-                            StatusCode::BAD_REQUEST,
-                            "tracecar: request names no destination (absolute URI or Host header)\n",
-                        );
-                    }
+                });
+                match shared.route(authority) {
+                    Ok((host, port)) => Some((host.to_owned(), port)),
+                    Err(r) => return local_response(r.status, r.message),
                 }
             }
             None => None,
@@ -209,26 +239,17 @@ impl Conn {
             Direction::Outbound => shared.telemetry.client_span(info, &mut parts.headers),
         };
         let req = Request::from_parts(parts, body);
-        let routed_target;
-        let target: &str = match (&self.target, &routed) {
-            (Some(t), _) => t,
-            (None, Some((h, p))) => {
-                routed_target = if h.contains(':') {
-                    format!("[{h}]:{p}")
-                } else {
-                    format!("{h}:{p}")
-                };
-                &routed_target
-            }
+        let target = match (&self.target, &routed) {
+            (Some(t), _) => t.clone(),
+            (None, Some((h, p))) => target_of(h, *p),
             (None, None) => {
-                let e =
-                    ForwardError::NoTarget("not redirected and TRACECAR_INBOUND_TARGET is unset");
+                let e = ForwardError::NoTarget(NO_TARGET);
                 span.set_status(StatusCode::BAD_GATEWAY);
                 span.fail(e.error_type(), e.to_string());
-                return local_response(StatusCode::BAD_GATEWAY, format!("tracecar: {e}\n"));
+                return local_response(StatusCode::BAD_GATEWAY, NO_TARGET_MESSAGE);
             }
         };
-        match shared.upstream.forward(req, target, span).await {
+        match shared.upstream.forward(req, &target, span).await {
             Ok(resp) => resp,
             Err((e, mut span)) => {
                 tracing::debug!(error = %e, "upstream failed");

@@ -83,46 +83,33 @@ async fn handle(
         Ok(Some(dst)) if Some(dst) != own_addr => Some(dst),
         _ => None,
     };
-    let Some(dst) = redirected else {
-        shared
-            .telemetry
-            .metrics
-            .connection(shared.direction, "http");
-        let target = match shared.direction {
+    // HTTP goes to the original destination, or (not redirected) to the inbound target or,
+    // outbound, wherever each forward-proxy request says; anything else redirected is spliced.
+    let target = match redirected {
+        None => match shared.direction {
             Direction::Inbound => cfg.default_target.clone(),
             Direction::Outbound => None,
-        };
-        serve(
-            Conn {
-                shared,
-                peer_ip: peer.ip().to_string().into(),
-                target,
-            },
-            stream,
-            watcher,
-            stop,
-        )
-        .await;
-        return;
+        },
+        Some(dst) => match detect(&stream, cfg.detect_timeout).await {
+            Protocol::Http1 | Protocol::Http2 => Some(dst.to_string().into()),
+            other => return pass_through(stream, dst, other, &shared).await,
+        },
     };
-    match detect(&stream, cfg.detect_timeout).await {
-        Protocol::Http1 | Protocol::Http2 => {
-            shared
-                .telemetry
-                .metrics
-                .connection(shared.direction, "http");
-            serve(
-                Conn {
-                    shared,
-                    peer_ip: peer.ip().to_string().into(),
-                    target: Some(dst.to_string().into()),
-                },
-                stream,
-                watcher,
-                stop,
-            )
-            .await;
-        }
+    shared
+        .telemetry
+        .metrics
+        .connection(shared.direction, "http");
+    let conn = Conn {
+        peer_ip: peer.ip().to_string().into(),
+        shared,
+        target,
+    };
+    serve(conn, stream, watcher, stop).await;
+}
+
+/// A redirected connection that is not HTTP: TLS or anything else, forwarded byte for byte.
+async fn pass_through(stream: TcpStream, dst: SocketAddr, protocol: Protocol, shared: &Shared) {
+    match protocol {
         Protocol::Tls { sni } => {
             shared.telemetry.metrics.connection(shared.direction, "tls");
             // Outbound TLS gets one CLIENT span per connection; inbound TLS is the app's own.
@@ -130,7 +117,8 @@ async fn handle(
                 .then(|| shared.telemetry.tls_span(sni.as_deref(), dst));
             splice(stream, dst, span, shared.connect_timeout).await;
         }
-        Protocol::Opaque => {
+        // (HTTP is served, never passed here.)
+        Protocol::Opaque | Protocol::Http1 | Protocol::Http2 => {
             shared
                 .telemetry
                 .metrics

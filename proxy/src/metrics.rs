@@ -84,6 +84,9 @@ pub struct Metrics {
     pub spans_started: Counter,
     pub spans_exported: Counter,
     spans_dropped: Family<ReasonLabels, Counter>,
+    /// `spans_dropped{reason="queue_full"}`, resolved once: it is counted span by span exactly
+    /// when the proxy is overloaded.
+    pub queue_full: Counter,
     pub export_errors: Counter,
     /// 1 while the last export succeeded (or none was tried), 0 while exports fail.
     pub export_healthy: Gauge,
@@ -197,12 +200,18 @@ impl Metrics {
             "Accepted connections by detected protocol",
             connections.clone(),
         );
+        let queue_full = spans_dropped
+            .get_or_create(&ReasonLabels {
+                reason: "queue_full",
+            })
+            .clone();
         Metrics {
             registry,
             inbound,
             outbound,
             spans_started,
             spans_exported,
+            queue_full,
             spans_dropped,
             export_errors,
             export_healthy,

@@ -277,3 +277,33 @@ async fn large_bodies_stream_with_flat_memory() {
         "memory grew with the body: {before} KiB -> peak {peak} KiB"
     );
 }
+
+/// The hyper path (here HTTP/2) classifies a failed connect like the lean path does: from the
+/// I/O error, not from its text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_to_a_dead_app_is_a_502_with_connection_refused() {
+    let sink = Sink::start().await;
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = dead.local_addr().unwrap();
+    drop(dead);
+    let proxy = ProxyProcess::spawn(&env(&sink, addr));
+    let stream = tokio::net::TcpStream::connect(proxy.inbound).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://app/x")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["x-tracecar-error"], "1");
+    let spans = sink.wait_for(1, WAIT).await;
+    let server = spans
+        .iter()
+        .find(|s| s.kind == "SERVER")
+        .expect("a SERVER span");
+    assert_eq!(server.attr_str("error.type"), Some("connection_refused"));
+    assert_eq!(server.attr_str("network.protocol.version"), Some("2"));
+}

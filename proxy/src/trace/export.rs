@@ -136,13 +136,15 @@ struct Queue {
 impl Queue {
     /// The oldest batch: a full one, or with `partial` whatever is there.
     fn take(&self, partial: bool) -> Option<Vec<SpanData>> {
-        let fresh = Vec::with_capacity(self.batch_size);
         let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
         if spans.is_empty() || (!partial && spans.len() < self.batch_size) {
             return None;
         }
         if spans.len() <= self.batch_size {
-            return Some(std::mem::replace(&mut *spans, fresh));
+            return Some(std::mem::replace(
+                &mut *spans,
+                Vec::with_capacity(self.batch_size),
+            ));
         }
         let rest = spans.split_off(self.batch_size);
         Some(std::mem::replace(&mut *spans, rest))
@@ -256,7 +258,7 @@ impl SpanProcessor for QueueProcessor {
         let mut spans = q.spans.lock().unwrap_or_else(|e| e.into_inner());
         if spans.len() >= q.max_size {
             drop(spans);
-            self.metrics.spans_dropped("queue_full", 1);
+            self.metrics.queue_full.inc();
             return;
         }
         spans.push(span);

@@ -154,7 +154,7 @@ impl tonic::codec::Decoder for PreEncoded {
     }
 }
 
-/// What the last http/protobuf request got back.
+/// What an http/protobuf export got back.
 #[derive(Debug, Clone, Copy)]
 enum HttpAnswer {
     Status(u16, Option<Duration>),
@@ -398,7 +398,7 @@ async fn post(
     *request.method_mut() = http::Method::POST;
     *request.uri_mut() = uri.clone();
     *request.headers_mut() = headers.clone();
-    let transport = |message: String| classify_http(Some(HttpAnswer::Transport), message);
+    let transport = |message: String| classify_http(HttpAnswer::Transport, message);
     let response = match tokio::time::timeout(timeout, client.request(request)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => return Err(transport(crate::forward::error_chain(&e))),
@@ -421,7 +421,7 @@ async fn post(
     } else {
         text.trim().to_string()
     };
-    Err(classify_http(Some(answer), message))
+    Err(classify_http(answer, message))
 }
 
 fn load_tls(cfg: &OtlpConfig) -> Result<Arc<TlsSource>, TlsError> {
@@ -440,8 +440,9 @@ fn load_tls(cfg: &OtlpConfig) -> Result<Arc<TlsSource>, TlsError> {
 fn classify_grpc(status: &tonic::Status) -> ExportFailure {
     use tonic::Code;
     let hint = retry_info(status.details());
-    let local = std::error::Error::source(status).is_some();
-    let message = match std::error::Error::source(status) {
+    let source = std::error::Error::source(status);
+    let local = source.is_some();
+    let message = match source {
         Some(src) => format!(
             "gRPC {:?}: {} ({})",
             status.code(),
@@ -475,9 +476,9 @@ fn classify_grpc(status: &tonic::Status) -> ExportFailure {
 
 /// OTLP/HTTP failure handling: 429, 502, 503, 504 and network errors are transient, honouring
 /// `Retry-After`; any other status means the collector refused the data.
-fn classify_http(answer: Option<HttpAnswer>, message: String) -> ExportFailure {
+fn classify_http(answer: HttpAnswer, message: String) -> ExportFailure {
     match answer {
-        Some(HttpAnswer::Status(code, hint)) => {
+        HttpAnswer::Status(code, hint) => {
             let message = format!("HTTP {code}: {message}");
             if matches!(code, 429 | 502 | 503 | 504) {
                 let retry = hint.map_or(Retry::Backoff, Retry::After);
@@ -486,9 +487,7 @@ fn classify_http(answer: Option<HttpAnswer>, message: String) -> ExportFailure {
                 ExportFailure::new(Retry::Never, "rejected", message)
             }
         }
-        Some(HttpAnswer::Transport) => ExportFailure::new(Retry::Backoff, "export_failed", message),
-        // The request never reached our client (e.g. it could not be encoded).
-        None => ExportFailure::new(Retry::Never, "export_failed", message),
+        HttpAnswer::Transport => ExportFailure::new(Retry::Backoff, "export_failed", message),
     }
 }
 
@@ -726,16 +725,16 @@ mod tests {
         assert_eq!(classify_grpc(&s).reason, "rejected");
         let s = tonic::Status::resource_exhausted("slow down");
         assert_eq!(classify_grpc(&s).retry, Retry::Never);
-        let hint = Some(HttpAnswer::Status(429, Some(Duration::from_secs(3))));
+        let hint = HttpAnswer::Status(429, Some(Duration::from_secs(3)));
         assert_eq!(
             classify_http(hint, String::new()).retry,
             Retry::After(Duration::from_secs(3))
         );
-        let r = classify_http(Some(HttpAnswer::Status(503, None)), String::new());
+        let r = classify_http(HttpAnswer::Status(503, None), String::new());
         assert_eq!(r.retry, Retry::Backoff);
-        let r = classify_http(Some(HttpAnswer::Status(400, None)), String::new());
+        let r = classify_http(HttpAnswer::Status(400, None), String::new());
         assert_eq!((r.retry, r.reason), (Retry::Never, "rejected"));
-        let r = classify_http(Some(HttpAnswer::Transport), String::new());
+        let r = classify_http(HttpAnswer::Transport, String::new());
         assert_eq!(r.retry, Retry::Backoff);
     }
 }

@@ -161,7 +161,7 @@ fn protocol_version(v: Version) -> &'static str {
 
 /// A Host header's host and port (`[v6]:port` too); `None` when it is not `host[:port]`. A
 /// parser of its own because this runs for every request and `http::uri::Authority` does more.
-fn split_host(h: &str) -> Option<(&str, Option<u16>)> {
+pub(crate) fn split_host(h: &str) -> Option<(&str, Option<u16>)> {
     let (host, port) = if let Some(rest) = h.strip_prefix('[') {
         let (v6, after) = rest.split_once(']')?;
         (v6, after)
@@ -199,10 +199,8 @@ fn attributes(info: &RequestInfo<'_>) -> Vec<KeyValue> {
         (None, None) => (None, info.server_port),
     };
     if let Some(host) = address {
-        attrs.push(KeyValue::new(
-            "server.address",
-            host.trim_matches(|c| c == '[' || c == ']').to_owned(),
-        ));
+        // Both routers and `split_host` give it without IPv6 brackets.
+        attrs.push(KeyValue::new("server.address", host.to_owned()));
     }
     if let Some(port) = port {
         attrs.push(KeyValue::new("server.port", port as i64));
