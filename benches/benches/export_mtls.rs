@@ -192,28 +192,6 @@ fn exporter_part(pki: &Pki, secs: u64) {
     }
 }
 
-fn proxy_bin() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let bin = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"))
-        .join("release/tracecar-proxy");
-    assert!(
-        bin.exists(),
-        "{} missing: cargo build --release -p tracecar-proxy",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn upstream() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -238,14 +216,15 @@ async fn upstream() -> SocketAddr {
 async fn proxy_run(pki: &Pki, export: bool, rps: u64, secs: u64) -> (Duration, u64, f64) {
     let (rt_sink, sink) = receiver(pki.server.clone());
     let app = upstream().await;
-    let (inbound, admin) = (free_port(), free_port());
-    let mut cmd = std::process::Command::new(proxy_bin());
+    let (inbound, admin) = (tracecar_tests::free_port(), tracecar_tests::free_port());
+    let mut cmd =
+        std::process::Command::new(tracecar_tests::built_bin("release", "tracecar-proxy"));
     cmd.arg("run")
         .env_clear()
         .env("TRACECAR_INBOUND_LISTEN", format!("127.0.0.1:{inbound}"))
         .env(
             "TRACECAR_OUTBOUND_LISTEN",
-            format!("127.0.0.1:{}", free_port()),
+            format!("127.0.0.1:{}", tracecar_tests::free_port()),
         )
         .env("TRACECAR_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
         .env("TRACECAR_INBOUND_TARGET", app.to_string())

@@ -19,16 +19,7 @@ fn plain_pod() -> serde_json::Value {
 
 #[tokio::test]
 async fn malformed_reviews_get_400_with_a_reason() {
-    let pki = Pki::new();
-    let leaf = pki.leaf("a");
-    let dir = tempfile::tempdir().unwrap();
-    let s = common::start(
-        dir.path(),
-        &leaf,
-        Defaults::default(),
-        Duration::from_secs(2),
-    )
-    .await;
+    let (pki, _dir, s) = common::start_default().await;
     let c = Client::new(&pki);
     let mut wrong_kind = common::review(&plain_pod(), "u1");
     wrong_kind["kind"] = "ConfigMap".into();
@@ -84,16 +75,7 @@ async fn malformed_reviews_get_400_with_a_reason() {
 
 #[tokio::test]
 async fn bodies_over_4_mib_get_413() {
-    let pki = Pki::new();
-    let leaf = pki.leaf("a");
-    let dir = tempfile::tempdir().unwrap();
-    let s = common::start(
-        dir.path(),
-        &leaf,
-        Defaults::default(),
-        Duration::from_secs(2),
-    )
-    .await;
+    let (pki, _dir, s) = common::start_default().await;
     let c = Client::new(&pki);
 
     // With Content-Length.
@@ -152,16 +134,7 @@ async fn bodies_over_4_mib_get_413() {
 
 #[tokio::test]
 async fn admin_endpoints() {
-    let pki = Pki::new();
-    let leaf = pki.leaf("a");
-    let dir = tempfile::tempdir().unwrap();
-    let s = common::start(
-        dir.path(),
-        &leaf,
-        Defaults::default(),
-        Duration::from_secs(2),
-    )
-    .await;
+    let (_pki, _dir, s) = common::start_default().await;
     assert_eq!(common::get(s.admin_addr, "/live").await.0, 200);
     assert_eq!(common::get(s.admin_addr, "/ready").await.0, 200);
     let (status, m) = common::get(s.admin_addr, "/metrics").await;

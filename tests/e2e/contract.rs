@@ -3,15 +3,10 @@
 
 use std::process::Command;
 
-use tracecar_tests::{free_port, proxy_bin, target_dir, ProxyProcess};
+use tracecar_tests::{built_bin, free_port, proxy_bin, ProxyProcess};
 
 fn inject(pod: &serde_json::Value, flags: &[&str]) -> serde_json::Value {
-    let bin = target_dir().join("tracecar-injector");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --workspace` first",
-        bin.display()
-    );
+    let bin = built_bin("debug", "tracecar-injector");
     let dir = std::env::temp_dir().join(format!("tracecar-contract-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("pod.json");

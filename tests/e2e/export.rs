@@ -60,6 +60,15 @@ fn tls_files(ca: &str, cert: &str, key: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// The export TLS variables pointing at a mounted-Secret directory's (symlinked) files.
+fn secret_tls(secret: &SecretDir) -> Vec<(&'static str, String)> {
+    tls_files(
+        &secret.ca().display().to_string(),
+        &secret.cert().display().to_string(),
+        &secret.key().display().to_string(),
+    )
+}
+
 fn ok_path(sink: &Sink, path: &str) -> bool {
     sink.spans()
         .iter()
@@ -315,20 +324,7 @@ async fn rotation(protocol: &str) {
         &ca.cert_pem,
         &rogue.client("proxy", KeyKind::EcdsaP256Pkcs8),
     );
-    let tls = vec![
-        (
-            "OTEL_EXPORTER_OTLP_CERTIFICATE",
-            secret.ca().display().to_string(),
-        ),
-        (
-            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
-            secret.cert().display().to_string(),
-        ),
-        (
-            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
-            secret.key().display().to_string(),
-        ),
-    ];
+    let tls = secret_tls(&secret);
     let endpoint = format!("https://127.0.0.1:{}", sink.addr.port());
     let proxy = ProxyProcess::spawn(&env(&endpoint, &app, protocol, &tls, &[]));
 
@@ -449,20 +445,7 @@ async fn collector_that_starts_rejecting_the_old_certificate_does_not_stall_expo
         &ca.cert_pem,
         &old_clients.client("proxy", KeyKind::EcdsaP256Pkcs8),
     );
-    let tls = vec![
-        (
-            "OTEL_EXPORTER_OTLP_CERTIFICATE",
-            secret.ca().display().to_string(),
-        ),
-        (
-            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
-            secret.cert().display().to_string(),
-        ),
-        (
-            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
-            secret.key().display().to_string(),
-        ),
-    ];
+    let tls = secret_tls(&secret);
     let proxy = ProxyProcess::spawn(&env(&format!("https://{addr}"), &app, "grpc", &tls, &[]));
     assert_eq!(
         get(&format!("http://{}/one", proxy.inbound), &[]).await.0,
@@ -1085,20 +1068,7 @@ async fn rotation_between_trusted_pairs(protocol: &str) {
         &ca.cert_pem,
         &first,
     );
-    let tls = vec![
-        (
-            "OTEL_EXPORTER_OTLP_CERTIFICATE",
-            secret.ca().display().to_string(),
-        ),
-        (
-            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
-            secret.cert().display().to_string(),
-        ),
-        (
-            "OTEL_EXPORTER_OTLP_CLIENT_KEY",
-            secret.key().display().to_string(),
-        ),
-    ];
+    let tls = secret_tls(&secret);
     let proxy = ProxyProcess::spawn(&env(
         &format!("https://127.0.0.1:{}", sink.addr.port()),
         &app,

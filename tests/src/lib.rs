@@ -24,15 +24,26 @@ pub fn target_dir() -> PathBuf {
         .join("debug")
 }
 
-/// The proxy binary `cargo build --workspace` produced.
-pub fn proxy_bin() -> PathBuf {
-    let bin = target_dir().join("tracecar-proxy");
+/// A binary of this workspace built with `profile` (`debug`, `release`); panics with the build
+/// command when it is missing.
+pub fn built_bin(profile: &str, name: &str) -> PathBuf {
+    let bin = target_dir().with_file_name(profile).join(name);
+    let flag = if profile == "release" {
+        " --release"
+    } else {
+        ""
+    };
     assert!(
         bin.exists(),
-        "{} is missing: run `cargo build --workspace` first",
+        "{} is missing: run `cargo build{flag} --workspace` first",
         bin.display()
     );
     bin
+}
+
+/// The proxy binary `cargo build --workspace` produced.
+pub fn proxy_bin() -> PathBuf {
+    built_bin("debug", "tracecar-proxy")
 }
 
 /// A free loopback port (bound and released; good enough for tests).
