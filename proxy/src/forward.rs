@@ -123,6 +123,29 @@ impl Upstream {
     }
 }
 
+/// A TCP connection to `target` (`host:port`) within `timeout`, with Nagle off; the failure
+/// classified for the span. Every path that connects (both HTTP paths, CONNECT tunnels, spliced
+/// connections) goes through here.
+pub async fn connect_tcp(
+    target: &str,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, ForwardError> {
+    match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(target)).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(ForwardError::Refused(target.to_string()))
+        }
+        Ok(Err(e)) => Err(ForwardError::Connect {
+            target: target.to_string(),
+            message: e.to_string(),
+        }),
+        Err(_) => Err(ForwardError::Timeout(target.to_string())),
+    }
+}
+
 /// A short plain-text response made by the proxy itself (502, 400, ...).
 pub fn local_response(status: StatusCode, message: impl Into<Bytes>) -> Response<ProxyBody> {
     let mut resp = Response::new(http_body_util::Either::Right(Full::new(message.into())));

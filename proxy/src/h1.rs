@@ -624,26 +624,13 @@ async fn connect(
             reused: true,
         });
     }
-    let connect = tokio::time::timeout(conn.shared.connect_timeout, TcpStream::connect(&**target));
-    match connect.await {
-        Ok(Ok(stream)) => {
-            let _ = stream.set_nodelay(true);
-            Ok(Upstream {
-                target: target.clone(),
-                stream,
-                buf: BytesMut::with_capacity(FIRST_BUF),
-                reused: false,
-            })
-        }
-        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            Err(ForwardError::Refused(target.to_string()))
-        }
-        Ok(Err(e)) => Err(ForwardError::Connect {
-            target: target.to_string(),
-            message: e.to_string(),
-        }),
-        Err(_) => Err(ForwardError::Timeout(target.to_string())),
-    }
+    let stream = crate::forward::connect_tcp(target, conn.shared.connect_timeout).await?;
+    Ok(Upstream {
+        target: target.clone(),
+        stream,
+        buf: BytesMut::with_capacity(FIRST_BUF),
+        reused: false,
+    })
 }
 
 /// True when an idle app connection has been closed by the app (or has unexpected bytes).

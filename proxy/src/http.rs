@@ -13,7 +13,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
 
-use crate::forward::{local_response, ForwardError, ProxyBody, Upstream};
+use crate::forward::{connect_tcp, local_response, ForwardError, ProxyBody, Upstream};
 use crate::metrics::Direction;
 use crate::trace::span::RequestInfo;
 use crate::trace::Telemetry;
@@ -284,35 +284,12 @@ impl Conn {
             user_agent: None,
         };
         let mut span = shared.telemetry.client_span(info, req.headers_mut());
-        let connect = tokio::time::timeout(
-            shared.connect_timeout,
-            TcpStream::connect((host.as_str(), port)),
-        );
-        let upstream = match connect.await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let kind = if e.kind() == std::io::ErrorKind::ConnectionRefused {
-                    "connection_refused"
-                } else {
-                    "connect_error"
-                };
+        let upstream = match connect_tcp(&target_of(&host, port), shared.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
                 span.set_status(StatusCode::BAD_GATEWAY);
-                span.fail(kind, e.to_string());
-                return local_response(
-                    StatusCode::BAD_GATEWAY,
-                    format!("tracecar: cannot reach {authority}: {e}\n"),
-                );
-            }
-            Err(_) => {
-                span.set_status(StatusCode::BAD_GATEWAY);
-                span.fail(
-                    "connect_timeout",
-                    format!("timed out connecting to {authority}"),
-                );
-                return local_response(
-                    StatusCode::BAD_GATEWAY,
-                    format!("tracecar: timed out connecting to {authority}\n"),
-                );
+                span.fail(e.error_type(), e.to_string());
+                return local_response(StatusCode::BAD_GATEWAY, format!("tracecar: {e}\n"));
             }
         };
         span.set_status(StatusCode::OK);

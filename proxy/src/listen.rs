@@ -135,23 +135,13 @@ async fn splice(
     mut span: Option<crate::trace::RequestSpan>,
     connect_timeout: std::time::Duration,
 ) {
-    // The same bound as HTTP upstreams: an unreachable destination must not hold the client
-    // for the kernel's SYN timeout.
-    let connect = tokio::time::timeout(connect_timeout, TcpStream::connect(dst));
-    let connected = connect.await.unwrap_or_else(|_| {
-        Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "timed out connecting",
-        ))
-    });
-    match connected {
+    match crate::forward::connect_tcp(&dst.to_string(), connect_timeout).await {
         Ok(mut upstream) => {
-            let _ = upstream.set_nodelay(true);
             let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
         }
         Err(e) => {
             if let Some(span) = span.as_mut() {
-                span.fail("connect_error", e.to_string());
+                span.fail(e.error_type(), e.to_string());
             }
             tracing::debug!(%dst, error = %e, "opaque forward failed");
         }
