@@ -1,7 +1,8 @@
 //! Export over mutual TLS: how many spans per second one core sustains, and what share of the
 //! proxy's CPU export takes at 100% sampling.
 //!
-//! Part 1 (exporter): the proxy's `OtlpExporter` sends batches of 512 realistic SERVER spans over
+//! Part 1 (exporter): the proxy's `OtlpExporter` sends batches of 512 realistic SERVER spans (encoded
+//! once, as the proxy's queue holds them, so this measures framing, TLS and transport) over
 //! mTLS (gRPC, then http/protobuf) to the test OTLP receiver for a few seconds; the exporter runs
 //! alone on one thread (current-thread runtime), the receiver on another, and the exporter
 //! thread's CPU time (getrusage RUSAGE_THREAD) gives spans per CPU-second.
@@ -25,6 +26,7 @@ use opentelemetry::trace::{SpanKind, Tracer, TracerProvider};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanProcessor};
 use tracecar_proxy::config::{ExportTls, OtlpConfig, OtlpProtocol};
+use tracecar_proxy::trace::encode::Batch;
 use tracecar_proxy::trace::otlp::OtlpExporter;
 use tracecar_tests::certs::{mtls_server_config, Ca, KeyKind};
 use tracecar_tests::sink::Sink;
@@ -146,7 +148,10 @@ fn receiver(tls: Arc<rustls::ServerConfig>) -> (tokio::runtime::Runtime, Sink) {
 }
 
 fn exporter_part(pki: &Pki, secs: u64) {
-    let batch = spans();
+    let mut batch = Batch::default();
+    for span in spans() {
+        batch.push_span_data(&span);
+    }
     for (name, protocol, suffix) in [
         ("grpc", OtlpProtocol::Grpc, ""),
         ("http/protobuf", OtlpProtocol::HttpProtobuf, "/v1/traces"),

@@ -1,17 +1,25 @@
-//! OTLP protobuf encoding of finished spans, written straight from the SDK's `SpanData`.
+//! OTLP protobuf encoding of finished spans.
 //!
-//! opentelemetry-proto's path clones each span, converts it into owned proto structs (a
-//! `String` per attribute key and value) and then walks the tree again for every nested length.
-//! At 100% sampling that was a large share of the proxy's per-request CPU, so batches are encoded
-//! here in one pass with no per-span allocation. The bytes are the same message
-//! (`ExportTraceServiceRequest`); the tests decode them with opentelemetry-proto and compare
-//! them with its own conversion.
+//! The proxy's own spans are written field by field as they happen ([`SpanWriter`]): ids, name,
+//! kind, start and the request's attributes when the request starts; the response's attributes,
+//! status and end when it ends. Protobuf takes fields in any order (and a repeated field in
+//! several runs), so nothing is rewritten and a finished span is one buffer that the export
+//! queue appends to its batch ([`Batch`]). opentelemetry-proto's path (the SDK's `SpanData`,
+//! cloned and converted into owned proto structs, then walked again for every nested length)
+//! was a large share of the proxy's per-request CPU at 100% sampling. The bytes are the same
+//! message (`ExportTraceServiceRequest`); the tests decode them with opentelemetry-proto and
+//! compare them with its own conversion.
 
-use opentelemetry::trace::{SpanKind, Status};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId};
 use opentelemetry::{Array, InstrumentationScope, KeyValue, StringValue, Value};
-use opentelemetry_sdk::trace::SpanData;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
+use opentelemetry_proto::tonic::trace::v1 as proto;
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
 use opentelemetry_sdk::Resource;
-use prost::encoding::encode_varint;
+use prost::encoding::{decode_varint, encode_varint, encoded_len_varint};
+use prost::Message;
 
 const VARINT: u32 = 0;
 const FIXED64: u32 = 1;
@@ -22,55 +30,213 @@ const FIXED32: u32 = 5;
 const HAS_IS_REMOTE: u32 = 0x100;
 const IS_REMOTE: u32 = 0x200;
 
-/// The `ExportTraceServiceRequest` for `spans`, all from `resource`.
-pub fn export_request(resource: &Resource, spans: &[SpanData]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + spans.len() * 384);
-    if spans.is_empty() {
-        return out;
+/// The instrumentation scope of every span the proxy makes.
+pub const SCOPE_NAME: &str = "tracecar-proxy";
+
+/// The spans of one export batch, each framed as a `ScopeSpans.spans` entry, so that the export
+/// request is a few bytes of resource and scope in front of them.
+#[derive(Debug, Default)]
+pub struct Batch {
+    bytes: Vec<u8>,
+    count: usize,
+}
+
+impl Batch {
+    /// Room for `spans` spans of a typical size.
+    pub fn with_capacity(spans: usize) -> Batch {
+        Batch {
+            bytes: Vec::with_capacity(spans.min(4096) * 320),
+            count: 0,
+        }
     }
+
+    /// How many spans it holds.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Appends a span finished by [`SpanWriter::finish`].
+    pub fn push_encoded(&mut self, span: &[u8]) {
+        tag(&mut self.bytes, 2, LEN);
+        encode_varint(span.len() as u64, &mut self.bytes);
+        self.bytes.extend_from_slice(span);
+        self.count += 1;
+    }
+
+    /// Appends an SDK span (benchmarks and tests build them that way). Its instrumentation scope
+    /// is not kept: a batch is the proxy's scope.
+    pub fn push_span_data(&mut self, span: &SpanData) {
+        nested(&mut self.bytes, 2, |out| encode_span(out, span));
+        self.count += 1;
+    }
+
+    /// The spans decoded into the SDK's form, for the console exporter and in-process consumers
+    /// (the demo, tests); not on the OTLP path.
+    pub fn to_span_data(&self) -> Vec<SpanData> {
+        let mut spans = Vec::with_capacity(self.count);
+        let mut rest = self.bytes.as_slice();
+        while !rest.is_empty() {
+            // Each entry is tag(2, LEN), a length, then the span: written above, so well formed.
+            let (Ok(_tag), Ok(len)) = (decode_varint(&mut rest), decode_varint(&mut rest)) else {
+                break;
+            };
+            let Some((span, after)) = rest.split_at_checked(len as usize) else {
+                break;
+            };
+            rest = after;
+            if let Ok(p) = proto::Span::decode(span) {
+                spans.push(span_data(p));
+            }
+        }
+        spans
+    }
+}
+
+/// The `ExportTraceServiceRequest` for `batch`, all from `resource`, in the proxy's scope. The
+/// lengths are worked out first, so the batch is copied once and never moved.
+pub fn export_request(resource: &Resource, batch: &Batch) -> Vec<u8> {
+    if batch.is_empty() {
+        return Vec::new();
+    }
+    let mut res = Vec::with_capacity(256);
+    for (k, v) in resource.iter() {
+        nested(&mut res, 1, |out| key_value(out, k.as_str(), v));
+    }
+    let mut scope = Vec::with_capacity(32);
+    string(&mut scope, 1, SCOPE_NAME);
+    string(&mut scope, 2, env!("CARGO_PKG_VERSION"));
+    let schema = resource.schema_url().unwrap_or_default();
+    let field = |len: usize| 1 + varint_len(len) + len;
+    // ScopeSpans { scope = 1; spans = 2 (the batch) }
+    let scope_spans = field(scope.len()) + batch.bytes.len();
+    // ResourceSpans { resource = 1; scope_spans = 2; schema_url = 3 }
+    let schema_len = if schema.is_empty() {
+        0
+    } else {
+        field(schema.len())
+    };
+    let resource_spans = field(res.len()) + field(scope_spans) + schema_len;
+    let mut out = Vec::with_capacity(field(resource_spans));
     // ExportTraceServiceRequest.resource_spans = 1
-    nested(&mut out, 1, |out| {
-        // ResourceSpans.resource = 1
-        nested(out, 1, |out| {
-            for (k, v) in resource.iter() {
-                nested(out, 1, |out| key_value(out, k.as_str(), v));
+    out.push(field_key(1, LEN));
+    put_varint(&mut out, resource_spans);
+    out.push(field_key(1, LEN));
+    put_varint(&mut out, res.len());
+    out.extend_from_slice(&res);
+    out.push(field_key(2, LEN));
+    put_varint(&mut out, scope_spans);
+    out.push(field_key(1, LEN));
+    put_varint(&mut out, scope.len());
+    out.extend_from_slice(&scope);
+    out.extend_from_slice(&batch.bytes);
+    string(&mut out, 3, schema);
+    debug_assert_eq!(out.len(), field(resource_spans));
+    out
+}
+
+/// One of the proxy's spans, written as its fields become known (see the module comment).
+#[derive(Debug)]
+pub struct SpanWriter(Vec<u8>);
+
+impl SpanWriter {
+    /// The fields known when a request starts.
+    pub fn start(
+        sc: &SpanContext,
+        parent: &SpanContext,
+        kind: SpanKind,
+        name: &str,
+        start: SystemTime,
+    ) -> SpanWriter {
+        let mut out = Vec::with_capacity(320);
+        bytes(&mut out, 1, &sc.trace_id().to_bytes());
+        bytes(&mut out, 2, &sc.span_id().to_bytes());
+        string(&mut out, 3, &sc.trace_state().header());
+        if parent.is_valid() {
+            bytes(&mut out, 4, &parent.span_id().to_bytes());
+        }
+        string(&mut out, 5, name);
+        uint(&mut out, 6, kind_number(&kind));
+        fixed64(&mut out, 7, nanos(start));
+        fixed32(
+            &mut out,
+            16,
+            flags(
+                parent.is_valid() && parent.is_remote(),
+                sc.trace_flags().to_u8(),
+            ),
+        );
+        SpanWriter(out)
+    }
+
+    /// A string attribute (`Span.attributes = 9`). Lengths are known up front, so the nested
+    /// messages are written without patching (this runs several times per request).
+    pub fn str(&mut self, key: &str, value: &str) {
+        let any = 1 + varint_len(value.len()) + value.len();
+        self.attribute(key, any, |out| {
+            out.push(field_key(1, LEN));
+            put_varint(out, value.len());
+            out.extend_from_slice(value.as_bytes());
+        });
+    }
+
+    pub fn int(&mut self, key: &str, value: i64) {
+        let v = value as u64;
+        self.attribute(key, 1 + encoded_len_varint(v), |out| {
+            out.push(field_key(3, VARINT));
+            encode_varint(v, out);
+        });
+    }
+
+    pub fn bool(&mut self, key: &str, value: bool) {
+        self.attribute(key, 2, |out| {
+            out.push(field_key(2, VARINT));
+            out.push(value as u8);
+        });
+    }
+
+    /// `KeyValue { key = 1; AnyValue value = 2 }` whose `AnyValue` is `any` bytes long.
+    fn attribute(&mut self, key: &str, any: usize, value: impl FnOnce(&mut Vec<u8>)) {
+        let kv = 1 + varint_len(key.len()) + key.len() + 1 + varint_len(any) + any;
+        let out = &mut self.0;
+        out.reserve(1 + varint_len(kv) + kv);
+        out.push(field_key(9, LEN));
+        put_varint(out, kv);
+        out.push(field_key(1, LEN));
+        put_varint(out, key.len());
+        out.extend_from_slice(key.as_bytes());
+        out.push(field_key(2, LEN));
+        put_varint(out, any);
+        value(out);
+    }
+
+    /// The end time and status (`error`: the span failed, with this description); the span's
+    /// bytes for [`Batch::push_encoded`].
+    pub fn finish(mut self, end: SystemTime, error: Option<&str>) -> Vec<u8> {
+        let out = &mut self.0;
+        fixed64(out, 8, nanos(end));
+        // Status is always written, as opentelemetry-proto does (an empty one is UNSET).
+        nested(out, 15, |out| {
+            if let Some(message) = error {
+                string(out, 2, message);
+                uint(out, 3, 2);
             }
         });
-        // ResourceSpans.scope_spans = 2, one per instrumentation scope, in order of appearance.
-        let mut scopes: Vec<&InstrumentationScope> = Vec::new();
-        for span in spans {
-            let scope = &span.instrumentation_scope;
-            // Usually the same scope as the last span: no search.
-            if scopes.last().is_some_and(|s| *s == scope) {
-                continue;
-            }
-            if !scopes.contains(&scope) {
-                scopes.push(scope);
-            }
-        }
-        // The proxy has one tracer, so one scope: no comparison per span.
-        let one_scope = scopes.len() == 1;
-        for scope in scopes {
-            nested(out, 2, |out| {
-                nested(out, 1, |out| {
-                    string(out, 1, scope.name());
-                    string(out, 2, scope.version().unwrap_or_default());
-                    for kv in scope.attributes() {
-                        nested(out, 3, |out| key_value(out, kv.key.as_str(), &kv.value));
-                    }
-                });
-                for span in spans
-                    .iter()
-                    .filter(|s| one_scope || s.instrumentation_scope == *scope)
-                {
-                    nested(out, 2, |out| encode_span(out, span));
-                }
-                string(out, 3, scope.schema_url().unwrap_or_default());
-            });
-        }
-        string(out, 3, resource.schema_url().unwrap_or_default());
-    });
-    out
+        self.0
+    }
+}
+
+fn kind_number(kind: &SpanKind) -> u64 {
+    match kind {
+        SpanKind::Internal => 1,
+        SpanKind::Server => 2,
+        SpanKind::Client => 3,
+        SpanKind::Producer => 4,
+        SpanKind::Consumer => 5,
+    }
 }
 
 fn encode_span(out: &mut Vec<u8>, span: &SpanData) {
@@ -82,14 +248,7 @@ fn encode_span(out: &mut Vec<u8>, span: &SpanData) {
         bytes(out, 4, &span.parent_span_id.to_bytes());
     }
     string(out, 5, &span.name);
-    let kind = match span.span_kind {
-        SpanKind::Internal => 1,
-        SpanKind::Server => 2,
-        SpanKind::Client => 3,
-        SpanKind::Producer => 4,
-        SpanKind::Consumer => 5,
-    };
-    uint(out, 6, kind);
+    uint(out, 6, kind_number(&span.span_kind));
     fixed64(out, 7, nanos(span.start_time));
     fixed64(out, 8, nanos(span.end_time));
     for kv in &span.attributes {
@@ -131,6 +290,68 @@ fn encode_span(out: &mut Vec<u8>, span: &SpanData) {
         16,
         flags(span.parent_span_is_remote, sc.trace_flags().to_u8()),
     );
+}
+
+/// A decoded span in the SDK's form ([`Batch::to_span_data`]).
+fn span_data(p: proto::Span) -> SpanData {
+    let trace_id = <[u8; 16]>::try_from(p.trace_id.as_slice())
+        .map(TraceId::from_bytes)
+        .unwrap_or(TraceId::INVALID);
+    let id = |b: &[u8]| {
+        <[u8; 8]>::try_from(b)
+            .map(SpanId::from_bytes)
+            .unwrap_or(SpanId::INVALID)
+    };
+    let time = |n: u64| UNIX_EPOCH + Duration::from_nanos(n);
+    SpanData {
+        span_context: SpanContext::new(
+            trace_id,
+            id(&p.span_id),
+            TraceFlags::new(p.flags as u8),
+            false,
+            p.trace_state.parse().unwrap_or_default(),
+        ),
+        parent_span_id: id(&p.parent_span_id),
+        parent_span_is_remote: p.flags & IS_REMOTE != 0,
+        span_kind: match p.kind {
+            2 => SpanKind::Server,
+            3 => SpanKind::Client,
+            4 => SpanKind::Producer,
+            5 => SpanKind::Consumer,
+            _ => SpanKind::Internal,
+        },
+        name: p.name.into(),
+        start_time: time(p.start_time_unix_nano),
+        end_time: time(p.end_time_unix_nano),
+        attributes: p
+            .attributes
+            .into_iter()
+            .map(|kv| KeyValue::new(kv.key, value(kv.value)))
+            .collect(),
+        dropped_attributes_count: p.dropped_attributes_count,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: match p.status {
+            Some(s) if s.code == 2 => Status::error(s.message),
+            Some(s) if s.code == 1 => Status::Ok,
+            _ => Status::Unset,
+        },
+        instrumentation_scope: InstrumentationScope::builder(SCOPE_NAME)
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build(),
+    }
+}
+
+/// An OTLP value in the API's form; kinds the proxy never writes become their debug text.
+fn value(v: Option<AnyValue>) -> Value {
+    match v.and_then(|v| v.value) {
+        Some(any_value::Value::StringValue(s)) => Value::String(s.into()),
+        Some(any_value::Value::BoolValue(b)) => Value::Bool(b),
+        Some(any_value::Value::IntValue(i)) => Value::I64(i),
+        Some(any_value::Value::DoubleValue(f)) => Value::F64(f),
+        Some(other) => Value::String(format!("{other:?}").into()),
+        None => Value::String(StringValue::from("")),
+    }
 }
 
 fn flags(remote: bool, trace_flags: u8) -> u32 {
@@ -195,6 +416,23 @@ fn any_value(out: &mut Vec<u8>, v: &Value) {
 fn array(out: &mut Vec<u8>, values: impl Iterator<Item = Value>) {
     for v in values {
         nested(out, 1, |out| any_value(out, &v));
+    }
+}
+
+/// The one-byte key of fields 1 to 15.
+const fn field_key(field: u32, wire_type: u32) -> u8 {
+    ((field << 3) | wire_type) as u8
+}
+
+fn varint_len(n: usize) -> usize {
+    encoded_len_varint(n as u64)
+}
+
+fn put_varint(out: &mut Vec<u8>, n: usize) {
+    if n < 0x80 {
+        out.push(n as u8);
+    } else {
+        encode_varint(n as u64, out);
     }
 }
 
@@ -368,58 +606,130 @@ mod tests {
             .build()
     }
 
-    /// Scopes in name order: the reference groups them through a HashMap.
-    fn sorted(mut req: ExportTraceServiceRequest) -> ExportTraceServiceRequest {
-        for rs in &mut req.resource_spans {
-            rs.scope_spans
-                .sort_by_key(|ss| ss.scope.as_ref().map(|s| s.name.clone()));
-        }
-        req
+    fn proxy_scope() -> InstrumentationScope {
+        InstrumentationScope::builder(SCOPE_NAME)
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build()
     }
 
     /// What opentelemetry-proto makes of the same spans.
     fn reference(resource: &Resource, spans: &[SpanData]) -> ExportTraceServiceRequest {
-        sorted(ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
             resource_spans: group_spans_by_resource_and_scope(spans.to_vec(), &resource.into()),
-        })
+        }
+    }
+
+    fn batch(spans: &[SpanData]) -> Batch {
+        let mut b = Batch::default();
+        for s in spans {
+            b.push_span_data(s);
+        }
+        b
     }
 
     fn ours(resource: &Resource, spans: &[SpanData]) -> ExportTraceServiceRequest {
-        let bytes = export_request(resource, spans);
-        sorted(ExportTraceServiceRequest::decode(bytes.as_slice()).expect("decodes"))
+        let bytes = export_request(resource, &batch(spans));
+        ExportTraceServiceRequest::decode(bytes.as_slice()).expect("decodes")
     }
 
     #[test]
     fn decodes_to_what_opentelemetry_proto_makes() {
-        let scope = InstrumentationScope::builder("tracecar-proxy")
-            .with_version("0.1.0")
-            .build();
         let resource = resource();
         // Enough spans and long enough paths that lengths need multi-byte varints.
-        let spans: Vec<SpanData> = (0..40).map(|n| span(n, &scope)).collect();
+        let spans: Vec<SpanData> = (0..40).map(|n| span(n, &proxy_scope())).collect();
         assert_eq!(ours(&resource, &spans), reference(&resource, &spans));
     }
 
     #[test]
-    fn groups_spans_by_scope() {
-        let a = InstrumentationScope::builder("a").build();
-        let b = InstrumentationScope::builder("b")
-            .with_schema_url("https://example.com/s")
-            .with_attributes([KeyValue::new("scope.attr", true)])
-            .build();
-        let resource = resource();
-        let spans = vec![span(1, &a), span(2, &b), span(3, &a)];
-        let got = ours(&resource, &spans);
-        assert_eq!(got, reference(&resource, &spans));
-        assert_eq!(got.resource_spans[0].scope_spans.len(), 2);
+    fn empty_batch_and_empty_resource() {
+        assert!(export_request(&resource(), &Batch::default()).is_empty());
+        let empty = Resource::builder_empty().build();
+        let spans = vec![span(5, &proxy_scope())];
+        assert_eq!(ours(&empty, &spans), reference(&empty, &spans));
+    }
+
+    /// A span as the proxy writes it, and the same span built as the SDK's `SpanData`.
+    fn written(n: u64, error: Option<&str>) -> (Vec<u8>, SpanData) {
+        let parent = context(0xabc + n as u128, 0x77 + n, "x");
+        let parent = if n % 2 == 0 {
+            parent
+        } else {
+            SpanContext::empty_context()
+        };
+        let sc = SpanContext::new(
+            TraceId::from(0xabc + n as u128),
+            SpanId::from(0x100 + n),
+            TraceFlags::SAMPLED,
+            false,
+            parent.trace_state().clone(),
+        );
+        let start = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789 + n);
+        let end = start + Duration::from_micros(420);
+        let path = format!("/p/{}", "y".repeat(n as usize * 30));
+        let mut w = SpanWriter::start(&sc, &parent, SpanKind::Server, "POST", start);
+        w.str("url.path", &path);
+        w.int("server.port", -(n as i64));
+        w.bool("tls.established", n % 2 == 0);
+        w.str("empty", "");
+        let bytes = w.finish(end, error);
+        let data = SpanData {
+            span_context: sc,
+            parent_span_id: parent.span_id(),
+            parent_span_is_remote: parent.is_valid(),
+            span_kind: SpanKind::Server,
+            name: "POST".into(),
+            start_time: start,
+            end_time: end,
+            attributes: vec![
+                KeyValue::new("url.path", path),
+                KeyValue::new("server.port", -(n as i64)),
+                KeyValue::new("tls.established", n % 2 == 0),
+                KeyValue::new("empty", ""),
+            ],
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: match error {
+                Some(m) => Status::error(m.to_owned()),
+                None => Status::Unset,
+            },
+            instrumentation_scope: proxy_scope(),
+        };
+        (bytes, data)
     }
 
     #[test]
-    fn empty_batch_and_empty_resource() {
-        assert!(export_request(&resource(), &[]).is_empty());
-        let scope = InstrumentationScope::builder("s").build();
-        let empty = Resource::builder_empty().build();
-        let spans = vec![span(5, &scope)];
-        assert_eq!(ours(&empty, &spans), reference(&empty, &spans));
+    fn written_spans_decode_like_sdk_spans() {
+        let resource = resource();
+        let mut b = Batch::with_capacity(2);
+        let mut expected = Vec::new();
+        for n in 0..12 {
+            let error = match n % 3 {
+                0 => None,
+                1 => Some(""),
+                _ => Some("connection refused"),
+            };
+            let (bytes, data) = written(n, error);
+            b.push_encoded(&bytes);
+            expected.push(data);
+        }
+        assert_eq!(b.len(), 12);
+        let got = ExportTraceServiceRequest::decode(export_request(&resource, &b).as_slice())
+            .expect("decodes");
+        assert_eq!(got, reference(&resource, &expected));
+        // And back into the SDK's form for the console and in-process consumers.
+        let back = b.to_span_data();
+        assert_eq!(back.len(), expected.len());
+        for (g, e) in back.iter().zip(&expected) {
+            assert_eq!(g.span_context, e.span_context);
+            assert_eq!(g.parent_span_id, e.parent_span_id);
+            assert_eq!(g.parent_span_is_remote, e.parent_span_is_remote);
+            assert_eq!(g.span_kind, e.span_kind);
+            assert_eq!(g.name, e.name);
+            assert_eq!((g.start_time, g.end_time), (e.start_time, e.end_time));
+            assert_eq!(g.attributes, e.attributes);
+            assert_eq!(g.status, e.status);
+            assert_eq!(g.instrumentation_scope, e.instrumentation_scope);
+        }
     }
 }

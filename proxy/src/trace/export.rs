@@ -1,14 +1,15 @@
 //! Span export: a bounded queue in front of the exporter, batching, retries with back-off.
 //!
-//! We use our own span processor rather than the SDK's `BatchSpanProcessor` because the proxy
-//! must count every dropped span by reason, report export health, and honour the collector's
-//! retry hints, none of which the SDK's processor exposes. Spans are still the SDK's
-//! (`SdkTracerProvider`, samplers, `SpanData`); the OTLP exporter ([`super::otlp`]) encodes them
-//! itself ([`super::encode`]) and sends over tonic or hyper, because opentelemetry-otlp's
-//! conversion cost more CPU per span than the rest of the proxy's request path.
+//! We use our own queue rather than the SDK's `BatchSpanProcessor` because the proxy must count
+//! every dropped span by reason, report export health, and honour the collector's retry hints,
+//! none of which the SDK's processor exposes. Spans arrive already encoded as OTLP
+//! ([`super::encode::SpanWriter`]) and queue as the bytes of their batch; the OTLP exporter
+//! ([`super::otlp`]) sends a batch over tonic or hyper with the resource in front, because
+//! opentelemetry-otlp's conversion cost more CPU per span than the rest of the proxy's request
+//! path. The console and in-process exporters decode a batch back into the SDK's `SpanData`.
 //!
-//! The app's requests only ever pay a `try_send` into the queue: a full queue drops the span
-//! (counted), it never waits.
+//! The app's requests only ever pay an append under an uncontended lock: a full queue drops the
+//! span (counted), it never waits.
 //!
 //! Retries: a batch whose export failed transiently (collector unreachable, TLS handshake
 //! refused, timeout, UNAVAILABLE / 429 / 502 / 503 / 504) is tried again after an exponential
@@ -33,9 +34,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 
-use opentelemetry::Context;
-use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
+use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use opentelemetry_sdk::Resource;
 use tokio::sync::{mpsc, oneshot, Notify};
 
@@ -43,6 +42,7 @@ use crate::config::BatchConfig;
 use crate::metrics::Metrics;
 
 use super::console::ConsoleExporter;
+use super::encode::Batch;
 use super::otlp::{ExportFailure, OtlpExporter, Retry};
 
 /// First retry delay; doubles per failure up to [`MAX_BACKOFF`].
@@ -68,17 +68,21 @@ pub enum Exporter {
 }
 
 impl Exporter {
-    async fn export(&mut self, batch: &[SpanData]) -> Result<(), ExportFailure> {
+    async fn export(&mut self, batch: &Batch) -> Result<(), ExportFailure> {
         match self {
             Exporter::Otlp(e) => e.export(batch).await,
-            Exporter::Console(e) => e.export(batch.to_vec()).await.map_err(|e| ExportFailure {
-                retry: Retry::Never,
-                reason: "export_failed",
-                message: e.to_string(),
-            }),
+            Exporter::Console(e) => {
+                e.export(batch.to_span_data())
+                    .await
+                    .map_err(|e| ExportFailure {
+                        retry: Retry::Never,
+                        reason: "export_failed",
+                        message: e.to_string(),
+                    })
+            }
             Exporter::Channel { tx, service } => {
-                for span in batch {
-                    let _ = tx.send((service.clone(), span.clone()));
+                for span in batch.to_span_data() {
+                    let _ = tx.send((service.clone(), span));
                 }
                 Ok(())
             }
@@ -111,21 +115,20 @@ enum Control {
     Flush(oneshot::Sender<()>),
 }
 
-/// The span processor: a bounded queue drained by one export task, which keeps up to
+/// The span queue's front: a bounded queue drained by one export task, which keeps up to
 /// `OTEL_BSP_MAX_CONCURRENT_EXPORTS` batches in flight.
 #[derive(Debug)]
 pub struct QueueProcessor {
     queue: Arc<Queue>,
-    control: mpsc::Sender<ControlMsg>,
     metrics: Arc<Metrics>,
 }
 
-/// Finished spans waiting for export. A request only takes an uncontended lock to push its
-/// span; the export task is woken once per full batch (or by its timer), not once per span,
-/// which at 100% sampling was a task wake-up and a timer registration per request.
+/// Finished spans waiting for export, already in batches. A request only takes an uncontended
+/// lock to append its span; the export task is woken once per full batch (or by its timer), not
+/// once per span, which at 100% sampling was a task wake-up and a timer registration per request.
 #[derive(Debug)]
 struct Queue {
-    spans: Mutex<Vec<SpanData>>,
+    spans: Mutex<Pending>,
     /// A batch is full, or the processor is closing.
     wake: Notify,
     closed: AtomicBool,
@@ -133,21 +136,27 @@ struct Queue {
     max_size: usize,
 }
 
+#[derive(Debug, Default)]
+struct Pending {
+    /// Full batches, oldest first.
+    full: std::collections::VecDeque<Batch>,
+    /// The batch being filled.
+    current: Batch,
+    /// Spans in `full` and `current`.
+    total: usize,
+}
+
 impl Queue {
     /// The oldest batch: a full one, or with `partial` whatever is there.
-    fn take(&self, partial: bool) -> Option<Vec<SpanData>> {
-        let mut spans = self.spans.lock().unwrap_or_else(|e| e.into_inner());
-        if spans.is_empty() || (!partial && spans.len() < self.batch_size) {
-            return None;
-        }
-        if spans.len() <= self.batch_size {
-            return Some(std::mem::replace(
-                &mut *spans,
-                Vec::with_capacity(self.batch_size),
-            ));
-        }
-        let rest = spans.split_off(self.batch_size);
-        Some(std::mem::replace(&mut *spans, rest))
+    fn take(&self, partial: bool) -> Option<Batch> {
+        let mut p = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        let batch = match p.full.pop_front() {
+            Some(b) => b,
+            None if partial && !p.current.is_empty() => std::mem::take(&mut p.current),
+            None => return None,
+        };
+        p.total -= batch.len();
+        Some(batch)
     }
 }
 
@@ -197,7 +206,10 @@ impl QueueProcessor {
             e.set_resource(resource);
         }
         let queue = Arc::new(Queue {
-            spans: Mutex::new(Vec::with_capacity(batch.max_export_batch_size)),
+            spans: Mutex::new(Pending {
+                current: Batch::with_capacity(batch.max_export_batch_size),
+                ..Pending::default()
+            }),
             wake: Notify::new(),
             closed: AtomicBool::new(false),
             batch_size: batch.max_export_batch_size.max(1),
@@ -221,11 +233,7 @@ impl QueueProcessor {
         };
         tokio::spawn(worker.run(queue.clone(), control_rx));
         (
-            QueueProcessor {
-                queue,
-                control: control_tx.clone(),
-                metrics,
-            },
+            QueueProcessor { queue, metrics },
             ExportHandle {
                 control: control_tx,
             },
@@ -241,46 +249,33 @@ impl Drop for QueueProcessor {
     }
 }
 
-impl SpanProcessor for QueueProcessor {
-    fn on_start(&self, _span: &mut Span, _cx: &Context) {
-        self.metrics.spans_started.inc();
-    }
-
-    fn on_end(&self, span: SpanData) {
-        if !span.span_context.is_sampled() {
-            return;
-        }
+impl QueueProcessor {
+    /// Queues a finished, sampled span (its [`super::encode::SpanWriter`] bytes).
+    pub fn push(&self, span: &[u8]) {
         let q = &self.queue;
         if q.closed.load(Ordering::Acquire) {
             self.metrics.spans_dropped("shutdown", 1);
             return;
         }
-        let mut spans = q.spans.lock().unwrap_or_else(|e| e.into_inner());
-        if spans.len() >= q.max_size {
-            drop(spans);
+        let mut p = q.spans.lock().unwrap_or_else(|e| e.into_inner());
+        if p.total >= q.max_size {
+            drop(p);
             self.metrics.queue_full.inc();
             return;
         }
-        spans.push(span);
-        let full = spans.len() == q.batch_size;
-        drop(spans);
+        p.current.push_encoded(span);
+        p.total += 1;
+        let full = p.current.len() >= q.batch_size;
+        if full {
+            let next = Batch::with_capacity(q.batch_size);
+            let batch = std::mem::replace(&mut p.current, next);
+            p.full.push_back(batch);
+        }
+        drop(p);
         self.metrics.export_queue.inc();
         if full {
             q.wake.notify_one();
         }
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        // The SDK calls this synchronously; our flush is async (ExportHandle::flush), so this only
-        // asks for one without waiting.
-        let (tx, _rx) = oneshot::channel();
-        self.control
-            .try_send(ControlMsg(Control::Flush(tx)))
-            .map_err(|e| OTelSdkError::InternalFailure(e.to_string()))
-    }
-
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        self.force_flush()
     }
 }
 
@@ -374,7 +369,7 @@ impl Worker {
 
     /// Hands one batch to an idle exporter, first waiting for one if all are busy (meanwhile
     /// the queue fills and overflows, counted, so memory stays bounded).
-    async fn export(&mut self, batch: Vec<SpanData>) {
+    async fn export(&mut self, batch: Batch) {
         if batch.is_empty() {
             return;
         }
@@ -409,7 +404,7 @@ impl Worker {
 /// collector's hint) until it is delivered; a batch refused for good is dropped and counted.
 async fn export_batch(
     mut exporter: Exporter,
-    batch: Vec<SpanData>,
+    batch: Batch,
     attempt_timeout: Duration,
     metrics: Arc<Metrics>,
     health: Arc<Health>,

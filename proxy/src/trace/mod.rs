@@ -18,12 +18,8 @@ pub mod tls;
 use std::sync::Arc;
 
 use opentelemetry::propagation::TextMapCompositePropagator;
-use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
-use opentelemetry_sdk::trace::{
-    Sampler as SdkSampler, SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider,
-    ShouldSample,
-};
+use opentelemetry_sdk::trace::{RandomIdGenerator, Sampler as SdkSampler};
 use opentelemetry_sdk::Resource;
 use tokio::sync::mpsc;
 
@@ -46,11 +42,16 @@ pub enum TelemetryError {
     Otlp(#[from] otlp::OtlpError),
 }
 
-/// The tracer, propagator and export pipeline of one proxy.
+/// The sampler, propagators and export pipeline of one proxy. Spans are made here rather than
+/// by the SDK's tracer: the SDK's samplers, id generator and propagators decide and carry the
+/// context, and each span is written straight into its OTLP encoding ([`encode::SpanWriter`]),
+/// which saved a third of the per-request cost of tracing (docs/benchmarks.md).
 #[derive(Debug)]
 pub struct Telemetry {
-    tracer: SdkTracer,
-    provider: SdkTracerProvider,
+    sampler: SdkSampler,
+    /// Kubelet probes get no SERVER span (`TRACECAR_TRACE_PROBES=false`).
+    skip_probes: bool,
+    ids: RandomIdGenerator,
     propagator: Option<TextMapCompositePropagator>,
     /// The headers the propagators read, so a request with none of them skips extraction.
     context_headers: Vec<String>,
@@ -59,6 +60,8 @@ pub struct Telemetry {
     /// Injection without the composite propagator, for the default formats.
     w3c: Option<propagate::W3cInjector>,
     inflight: Option<Arc<correlate::Inflight>>,
+    /// Where finished spans go; `None` when nothing exports (`OTEL_TRACES_EXPORTER=none`).
+    queue: Option<export::QueueProcessor>,
     export: Option<export::ExportHandle>,
     pub metrics: Arc<Metrics>,
 }
@@ -93,23 +96,13 @@ impl Telemetry {
                 }
             },
         };
-        let configured = sampler(config.sampler);
-        let mut builder = SdkTracerProvider::builder();
-        builder = if config.trace_probes {
-            builder.with_sampler(configured)
+        let (queue, export) = if exporters.is_empty() {
+            (None, None)
         } else {
-            builder.with_sampler(SkipProbes(configured))
-        };
-        let mut builder = builder.with_resource(resource.clone());
-        let mut export = None;
-        if !exporters.is_empty() {
             let (processor, handle) =
                 export::QueueProcessor::start(exporters, &resource, config.batch, metrics.clone());
-            builder = builder.with_span_processor(processor);
-            export = Some(handle);
-        }
-        let provider = builder.build();
-        let tracer = provider.tracer("tracecar-proxy");
+            (Some(processor), Some(handle))
+        };
         let propagator =
             (!config.propagators.is_empty()).then(|| propagate::composite(&config.propagators));
         let context_headers = propagator
@@ -125,13 +118,15 @@ impl Telemetry {
             .contains(&crate::config::Propagator::Jaeger);
         let inflight = (config.correlation == Correlation::Inflight).then(Default::default);
         Ok(Telemetry {
-            tracer,
-            provider,
+            sampler: sampler(config.sampler),
+            skip_probes: !config.trace_probes,
+            ids: RandomIdGenerator::default(),
             propagator,
             context_headers,
             jaeger_baggage,
             w3c: propagate::W3cInjector::for_formats(&config.propagators),
             inflight,
+            queue,
             export,
             metrics,
         })
@@ -143,44 +138,6 @@ impl Telemetry {
             Some(h) => h.flush(timeout).await,
             None => true,
         }
-    }
-}
-
-impl Drop for Telemetry {
-    fn drop(&mut self) {
-        let _ = self.provider.shutdown();
-    }
-}
-
-/// Drops the SERVER spans of the kubelet's liveness/readiness probes (they would otherwise be a
-/// trace every few seconds per container); the probes are still proxied and counted.
-#[derive(Debug, Clone)]
-struct SkipProbes(SdkSampler);
-
-impl ShouldSample for SkipProbes {
-    fn should_sample(
-        &self,
-        parent_context: Option<&opentelemetry::Context>,
-        trace_id: opentelemetry::trace::TraceId,
-        name: &str,
-        span_kind: &opentelemetry::trace::SpanKind,
-        attributes: &[KeyValue],
-        links: &[opentelemetry::trace::Link],
-    ) -> SamplingResult {
-        let probe = *span_kind == opentelemetry::trace::SpanKind::Server
-            && attributes.iter().any(|kv| {
-                kv.key.as_str() == "user_agent.original"
-                    && matches!(&kv.value, opentelemetry::Value::String(ua) if ua.as_str().starts_with("kube-probe/"))
-            });
-        if probe {
-            return SamplingResult {
-                decision: SamplingDecision::Drop,
-                attributes: Vec::new(),
-                trace_state: Default::default(),
-            };
-        }
-        self.0
-            .should_sample(parent_context, trace_id, name, span_kind, attributes, links)
     }
 }
 

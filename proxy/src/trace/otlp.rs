@@ -21,13 +21,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use super::encode::Batch;
 use bytes::Bytes;
 use http::Uri;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
-use opentelemetry_sdk::trace::SpanData;
 use opentelemetry_sdk::Resource;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -107,9 +107,12 @@ enum Client {
 /// The gRPC method every OTLP trace export calls.
 const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
-/// A tonic codec that sends an already encoded request and decodes the OTLP response.
+/// A tonic codec that sends an already encoded request (`len` bytes) and decodes the OTLP
+/// response.
 #[derive(Debug, Clone, Copy, Default)]
-struct PreEncoded;
+struct PreEncoded {
+    len: usize,
+}
 
 impl tonic::codec::Codec for PreEncoded {
     type Encode = Bytes;
@@ -118,11 +121,11 @@ impl tonic::codec::Codec for PreEncoded {
     type Decoder = PreEncoded;
 
     fn encoder(&mut self) -> Self::Encoder {
-        PreEncoded
+        *self
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        PreEncoded
+        *self
     }
 }
 
@@ -137,6 +140,12 @@ impl tonic::codec::Encoder for PreEncoded {
     ) -> Result<(), tonic::Status> {
         bytes::BufMut::put(dst, item);
         Ok(())
+    }
+
+    /// One buffer that fits the whole message: tonic's default (8 KiB, doubling) reallocated
+    /// and page-faulted its way up to a batch's size on every export.
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        tonic::codec::BufferSettings::new(self.len + 64, self.len + 64)
     }
 }
 
@@ -248,7 +257,7 @@ impl OtlpExporter {
     }
 
     /// Sends one batch, once. The caller retries as [`ExportFailure::retry`] says.
-    pub async fn export(&mut self, batch: &[SpanData]) -> Result<(), ExportFailure> {
+    pub async fn export(&mut self, batch: &Batch) -> Result<(), ExportFailure> {
         if let TlsState::Broken(_) = &self.tls {
             match load_tls(&self.cfg) {
                 Ok(source) => {
@@ -280,6 +289,7 @@ impl OtlpExporter {
             ));
         };
         let body = Bytes::from(super::encode::export_request(&self.resource, batch));
+        let len = body.len();
         let timeout = self.cfg.timeout;
         let result = match client {
             Client::Grpc { grpc, metadata } => {
@@ -293,7 +303,7 @@ impl OtlpExporter {
                     grpc.unary(
                         request,
                         http::uri::PathAndQuery::from_static(EXPORT_PATH),
-                        PreEncoded,
+                        PreEncoded { len },
                     )
                     .await
                 };

@@ -98,8 +98,10 @@ pub fn traceparent(sc: &SpanContext) -> String {
     );
     out[35] = b'-';
     out[52] = b'-';
-    // Only ASCII was written.
-    String::from_utf8_lossy(&out).into_owned()
+    // Only ASCII was written, so each byte is a char.
+    let mut s = String::with_capacity(out.len());
+    s.extend(out.iter().map(|&b| b as char));
+    s
 }
 
 /// The default formats (`tracecontext`, optionally `baggage`) injected without building a

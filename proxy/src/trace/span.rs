@@ -8,14 +8,15 @@ use std::time::SystemTime;
 use http::{HeaderMap, Method, Version};
 use http_body::{Body, Frame, SizeHint};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanBuilder, SpanKind, Status, TraceContextExt, Tracer};
-use opentelemetry::{Context, KeyValue, StringValue, Value};
+use opentelemetry::trace::{SpanContext, SpanKind, TraceContextExt, TraceFlags};
+use opentelemetry::Context;
 use opentelemetry_http::HeaderExtractor;
-use opentelemetry_sdk::trace::Span as SdkSpan;
+use opentelemetry_sdk::trace::{IdGenerator, SamplingDecision, ShouldSample};
 
 use crate::metrics::Direction;
 
 use super::correlate::InflightGuard;
+use super::encode::SpanWriter;
 use super::Telemetry;
 
 /// What the proxy knows about a request when its span starts.
@@ -114,7 +115,9 @@ fn over_headers(
 /// A request's span and timing; ends the span and records metrics when dropped.
 #[derive(Debug)]
 pub struct RequestSpan {
-    span: SdkSpan,
+    context: SpanContext,
+    /// The span so far; `None` when it is not recorded (not sampled, or nothing exports).
+    writer: Option<SpanWriter>,
     direction: Direction,
     /// Also the span's start time: one clock read serves both (and one more at the end).
     started: SystemTime,
@@ -122,14 +125,12 @@ pub struct RequestSpan {
     /// `error.type`, written once when the span ends: a failure's own class wins over the
     /// status code (OTLP attribute keys are unique).
     error_type: Option<Cow<'static, str>>,
+    /// The span's status is ERROR, with this description.
+    error: Option<String>,
     telemetry: std::sync::Arc<Telemetry>,
     _inflight: Option<InflightGuard>,
     /// False for opaque connection spans, which are not HTTP requests.
     count_request: bool,
-}
-
-fn static_method(m: &Method) -> Value {
-    Value::String(StringValue::from(method_name(m)))
 }
 
 fn method_name(m: &Method) -> &'static str {
@@ -179,18 +180,12 @@ pub(crate) fn split_host(h: &str) -> Option<(&str, Option<u16>)> {
     (!host.is_empty() && host.chars().all(valid)).then_some((host, port))
 }
 
-fn attributes(info: &RequestInfo<'_>) -> Vec<KeyValue> {
-    let mut attrs = Vec::with_capacity(10);
-    attrs.push(KeyValue::new(
-        "http.request.method",
-        static_method(info.method),
-    ));
-    attrs.push(KeyValue::new("url.path", info.path.to_owned()));
-    attrs.push(KeyValue::new("url.scheme", info.scheme));
-    attrs.push(KeyValue::new(
-        "network.protocol.version",
-        protocol_version(info.version),
-    ));
+/// The request's attributes (SPEC: span attributes).
+fn attributes(w: &mut SpanWriter, info: &RequestInfo<'_>) {
+    w.str("http.request.method", method_name(info.method));
+    w.str("url.path", info.path);
+    w.str("url.scheme", info.scheme);
+    w.str("network.protocol.version", protocol_version(info.version));
     // Inbound requests name their server in the Host header (or :authority).
     let host_header = info.host.and_then(split_host);
     let (address, port) = match (info.server_address, host_header) {
@@ -200,22 +195,17 @@ fn attributes(info: &RequestInfo<'_>) -> Vec<KeyValue> {
     };
     if let Some(host) = address {
         // Both routers and `split_host` give it without IPv6 brackets.
-        attrs.push(KeyValue::new("server.address", host.to_owned()));
+        w.str("server.address", host);
     }
     if let Some(port) = port {
-        attrs.push(KeyValue::new("server.port", port as i64));
+        w.int("server.port", port as i64);
     }
     if let Some(ip) = &info.client_address {
-        // Shared with the connection: no copy per request.
-        attrs.push(KeyValue::new(
-            "client.address",
-            Value::String(StringValue::from(ip.clone())),
-        ));
+        w.str("client.address", ip);
     }
     if let Some(ua) = info.user_agent {
-        attrs.push(KeyValue::new("user_agent.original", ua.to_owned()));
+        w.str("user_agent.original", ua);
     }
-    attrs
 }
 
 impl Telemetry {
@@ -244,9 +234,10 @@ impl Telemetry {
             injector,
             &parent,
             Direction::Inbound,
+            false,
         );
         if let Some(inflight) = &self.inflight {
-            rs._inflight = Some(inflight.enter(rs.span_context()));
+            rs._inflight = Some(inflight.enter(rs.context.clone()));
         }
         rs
     }
@@ -276,20 +267,14 @@ impl Telemetry {
                 correlated = true;
             }
         }
-        let mut rs = self.start(
+        self.start(
             SpanKind::Client,
             info,
             injector,
             &parent,
             Direction::Outbound,
-        );
-        if correlated {
-            opentelemetry::trace::Span::set_attribute(
-                &mut rs.span,
-                KeyValue::new("tracecar.correlation", "inflight"),
-            );
-        }
-        rs
+            correlated,
+        )
     }
 
     /// Starts the CLIENT span of a captured TLS connection, which the proxy passes through
@@ -303,40 +288,21 @@ impl Telemetry {
             Some(sc) => Context::new().with_remote_span_context(sc),
             None => Context::new(),
         };
-        let mut attrs = vec![
-            KeyValue::new("network.transport", "tcp"),
-            KeyValue::new("tls.established", true),
-            KeyValue::new("server.port", dst.port() as i64),
-            KeyValue::new("network.peer.address", dst.ip().to_string()),
-        ];
-        let name = match sni {
-            Some(s) => {
-                attrs.push(KeyValue::new("server.address", s.to_owned()));
-                format!("TLS {s}")
-            }
-            None => {
-                attrs.push(KeyValue::new("server.address", dst.ip().to_string()));
-                "TLS".to_owned()
-            }
+        let name: Cow<'static, str> = match sni {
+            Some(s) => format!("TLS {s}").into(),
+            None => "TLS".into(),
         };
-        let started = SystemTime::now();
-        let span = self.tracer.build_with_context(
-            SpanBuilder::from_name(name)
-                .with_kind(SpanKind::Client)
-                .with_start_time(started)
-                .with_attributes(attrs),
-            &parent,
-        );
-        RequestSpan {
-            span,
-            direction: Direction::Outbound,
-            started,
-            status: None,
-            error_type: None,
-            telemetry: self.clone(),
-            _inflight: None,
-            count_request: false,
+        let mut rs = self.begin(SpanKind::Client, &name, &parent, false, Direction::Outbound);
+        if let Some(w) = &mut rs.writer {
+            let peer = dst.ip().to_string();
+            w.str("network.transport", "tcp");
+            w.bool("tls.established", true);
+            w.int("server.port", dst.port() as i64);
+            w.str("network.peer.address", &peer);
+            w.str("server.address", sni.unwrap_or(&peer));
         }
+        rs.count_request = false;
+        rs
     }
 
     /// The context the request carries, in any configured format. Most requests that start a
@@ -361,6 +327,7 @@ impl Telemetry {
         }
     }
 
+    /// An HTTP request's span, its context written to `injector`.
     fn start(
         self: &std::sync::Arc<Self>,
         kind: SpanKind,
@@ -368,31 +335,79 @@ impl Telemetry {
         injector: &mut dyn Injector,
         parent: &Context,
         direction: Direction,
+        correlated: bool,
     ) -> RequestSpan {
-        let started = SystemTime::now();
-        let builder = SpanBuilder::from_name(method_name(info.method))
-            .with_kind(kind)
-            .with_start_time(started)
-            .with_attributes(attributes(&info));
-        let span = self.tracer.build_with_context(builder, parent);
+        // Kubelet probes would be a trace every few seconds per container; they are still
+        // proxied and counted.
+        let probe = self.skip_probes
+            && kind == SpanKind::Server
+            && info
+                .user_agent
+                .is_some_and(|ua| ua.starts_with("kube-probe/"));
+        let mut rs = self.begin(kind, method_name(info.method), parent, probe, direction);
+        if let Some(w) = &mut rs.writer {
+            attributes(w, &info);
+            if correlated {
+                w.str("tracecar.correlation", "inflight");
+            }
+        }
         if let Some(w3c) = &self.w3c {
-            w3c.inject(
-                opentelemetry::trace::Span::span_context(&span),
-                parent,
-                injector,
-            );
+            w3c.inject(&rs.context, parent, injector);
         } else if let Some(p) = &self.propagator {
-            let cx = parent
-                .with_remote_span_context(opentelemetry::trace::Span::span_context(&span).clone());
+            let cx = parent.with_remote_span_context(rs.context.clone());
             p.inject_context(&cx, injector);
         }
         self.metrics.direction(direction).open_requests.inc();
+        rs
+    }
+
+    /// A new span, child of `parent`: ids and the sampling decision as the SDK's tracer makes
+    /// them (same samplers, same id generator), recorded only when sampled and exported.
+    fn begin(
+        self: &std::sync::Arc<Self>,
+        kind: SpanKind,
+        name: &str,
+        parent: &Context,
+        drop: bool,
+        direction: Direction,
+    ) -> RequestSpan {
+        let started = SystemTime::now();
+        let parent_sc = parent.span().span_context().clone();
+        let trace_id = if parent_sc.is_valid() {
+            parent_sc.trace_id()
+        } else {
+            self.ids.new_trace_id()
+        };
+        let (sampled, trace_state) = if drop {
+            (false, parent_sc.trace_state().clone())
+        } else {
+            let r = self
+                .sampler
+                .should_sample(Some(parent), trace_id, name, &kind, &[], &[]);
+            (
+                r.decision == SamplingDecision::RecordAndSample,
+                r.trace_state,
+            )
+        };
+        let flags = if parent_sc.is_valid() {
+            parent_sc.trace_flags()
+        } else {
+            TraceFlags::default()
+        }
+        .with_sampled(sampled);
+        let context = SpanContext::new(trace_id, self.ids.new_span_id(), flags, false, trace_state);
+        let writer = (sampled && self.queue.is_some()).then(|| {
+            self.metrics.spans_started.inc();
+            SpanWriter::start(&context, &parent_sc, kind, name, started)
+        });
         RequestSpan {
-            span,
+            context,
+            writer,
             direction,
             started,
             status: None,
             error_type: None,
+            error: None,
             telemetry: self.clone(),
             _inflight: None,
             count_request: true,
@@ -401,17 +416,14 @@ impl Telemetry {
 }
 
 impl RequestSpan {
-    pub fn span_context(&self) -> opentelemetry::trace::SpanContext {
-        opentelemetry::trace::Span::span_context(&self.span).clone()
+    pub fn span_context(&self) -> &SpanContext {
+        &self.context
     }
 
     /// Records the response status; 5xx (and 4xx on CLIENT spans) mark the span as an error.
     pub fn set_status(&mut self, status: http::StatusCode) {
-        use opentelemetry::trace::Span as _;
         let code = status.as_u16();
         self.status = Some(code);
-        self.span
-            .set_attribute(KeyValue::new("http.response.status_code", code as i64));
         let error = match self.direction {
             Direction::Inbound => code >= 500,
             Direction::Outbound => code >= 400,
@@ -419,31 +431,32 @@ impl RequestSpan {
         if error {
             self.error_type
                 .get_or_insert_with(|| Cow::Owned(code.to_string()));
-            self.span.set_status(Status::error(""));
+            self.error.get_or_insert_with(String::new);
         }
     }
 
     /// Marks the request as failed without a response from upstream (`error.type`).
     pub fn fail(&mut self, error_type: &'static str, message: String) {
-        use opentelemetry::trace::Span as _;
         self.error_type = Some(Cow::Borrowed(error_type));
-        self.span.set_status(Status::error(message));
-    }
-
-    /// Adds an attribute (e.g. what was learnt after the span started).
-    pub fn set_attribute(&mut self, kv: KeyValue) {
-        opentelemetry::trace::Span::set_attribute(&mut self.span, kv);
+        self.error = Some(message);
     }
 }
 
 impl Drop for RequestSpan {
     fn drop(&mut self) {
-        use opentelemetry::trace::Span as _;
-        if let Some(t) = self.error_type.take() {
-            self.span.set_attribute(KeyValue::new("error.type", t));
-        }
         let ended = SystemTime::now();
-        self.span.end_with_timestamp(ended);
+        if let Some(mut w) = self.writer.take() {
+            if let Some(code) = self.status {
+                w.int("http.response.status_code", code as i64);
+            }
+            if let Some(t) = &self.error_type {
+                w.str("error.type", t);
+            }
+            let span = w.finish(ended, self.error.as_deref());
+            if let Some(q) = &self.telemetry.queue {
+                q.push(&span);
+            }
+        }
         let m = self.telemetry.metrics.direction(self.direction);
         if self.count_request {
             m.open_requests.dec();
@@ -514,7 +527,180 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::split_host;
+    use super::*;
+    use crate::config::RunArgs;
+    use crate::metrics::Metrics;
+    use crate::trace::export::SpanRecord;
+    use crate::trace::Sink;
+    use clap::Parser;
+    use opentelemetry::trace::{SpanId, Status};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn telemetry(flags: &[&str]) -> (Arc<Telemetry>, mpsc::UnboundedReceiver<SpanRecord>) {
+        let argv = ["t", "--bsp-schedule-delay", "10"].iter().chain(flags);
+        let cfg = Cli::try_parse_from(argv)
+            .expect("flags")
+            .run
+            .into_config()
+            .expect("config");
+        let (tx, rx) = mpsc::unbounded_channel();
+        let t = Telemetry::new(&cfg, Sink::Channel(tx), Arc::new(Metrics::new())).expect("ok");
+        (Arc::new(t), rx)
+    }
+
+    fn info() -> RequestInfo<'static> {
+        RequestInfo {
+            method: &Method::POST,
+            path: "/orders",
+            scheme: "http",
+            version: Version::HTTP_11,
+            server_address: None,
+            server_port: Some(15143),
+            client_address: Some("10.0.0.9".into()),
+            host: None,
+            user_agent: None,
+        }
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, http::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    async fn exported(
+        t: &Telemetry,
+        rx: &mut mpsc::UnboundedReceiver<SpanRecord>,
+    ) -> Vec<opentelemetry_sdk::trace::SpanData> {
+        assert!(t.flush(Duration::from_secs(5)).await, "flushed");
+        let mut out = Vec::new();
+        while let Ok((_, span)) = rx.try_recv() {
+            out.push(span);
+        }
+        out
+    }
+
+    fn attr(s: &opentelemetry_sdk::trace::SpanData, key: &str) -> Option<String> {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.to_string())
+    }
+
+    #[tokio::test]
+    async fn continues_the_callers_trace_and_records_the_request() {
+        let (t, mut rx) = telemetry(&[]);
+        let mut h = headers(&[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", "vendor=x"),
+            ("host", "shop:8080"),
+            ("user-agent", "curl/8.5"),
+        ]);
+        let mut span = t.server_span(info(), &mut h);
+        let own = span.span_context().span_id();
+        span.set_status(http::StatusCode::BAD_GATEWAY);
+        drop(span);
+        // The app sees the proxy's span as its parent, the caller's trace state kept.
+        assert_eq!(
+            h["traceparent"],
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{own}-01")
+        );
+        assert_eq!(h["tracestate"], "vendor=x");
+        let spans = exported(&t, &mut rx).await;
+        assert_eq!(spans.len(), 1);
+        let s = &spans[0];
+        assert_eq!(
+            s.span_context.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(s.span_context.span_id(), own);
+        assert_eq!(s.parent_span_id, SpanId::from(0x00f067aa0ba902b7));
+        assert!(s.parent_span_is_remote);
+        assert!(s.span_context.is_sampled());
+        assert_eq!(s.span_context.trace_state().header(), "vendor=x");
+        assert_eq!(
+            (s.span_kind.clone(), s.name.as_ref()),
+            (SpanKind::Server, "POST")
+        );
+        assert!(s.end_time >= s.start_time);
+        for (k, v) in [
+            ("http.request.method", "POST"),
+            ("url.path", "/orders"),
+            ("url.scheme", "http"),
+            ("network.protocol.version", "1.1"),
+            ("server.address", "shop"),
+            ("server.port", "8080"),
+            ("client.address", "10.0.0.9"),
+            ("user_agent.original", "curl/8.5"),
+            ("http.response.status_code", "502"),
+            ("error.type", "502"),
+        ] {
+            assert_eq!(attr(s, k).as_deref(), Some(v), "{k}");
+        }
+        assert_eq!(s.attributes.len(), 10, "each key once");
+        assert_eq!(s.status, Status::error(""));
+        assert_eq!(t.metrics.spans_started.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_root_span_starts_a_trace_and_a_failure_says_why() {
+        let (t, mut rx) = telemetry(&[]);
+        let mut h = HeaderMap::new();
+        let mut span = t.client_span(info(), &mut h);
+        span.fail("connection_refused", "connect: refused".into());
+        let ctx = span.span_context().clone();
+        drop(span);
+        let spans = exported(&t, &mut rx).await;
+        assert_eq!(spans.len(), 1);
+        let s = &spans[0];
+        assert!(ctx.is_valid() && ctx.is_sampled());
+        assert_eq!(s.span_context.trace_id(), ctx.trace_id());
+        assert_eq!(s.parent_span_id, SpanId::INVALID);
+        assert!(!s.parent_span_is_remote);
+        assert_eq!(s.span_kind, SpanKind::Client);
+        assert_eq!(attr(s, "error.type").as_deref(), Some("connection_refused"));
+        assert_eq!(attr(s, "http.response.status_code"), None);
+        assert_eq!(s.status, Status::error("connect: refused"));
+        assert!(h.get("tracestate").is_none(), "no empty tracestate");
+    }
+
+    #[tokio::test]
+    async fn unsampled_parents_and_probes_propagate_without_a_span() {
+        let (t, mut rx) = telemetry(&[]);
+        let mut h = headers(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        )]);
+        let span = t.server_span(info(), &mut h);
+        let own = span.span_context().span_id();
+        drop(span);
+        assert_eq!(
+            h["traceparent"],
+            format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{own}-00")
+        );
+        let mut probe = headers(&[("user-agent", "kube-probe/1.31")]);
+        drop(t.server_span(info(), &mut probe));
+        assert!(probe["traceparent"].to_str().unwrap().ends_with("-00"));
+        assert!(exported(&t, &mut rx).await.is_empty());
+        assert_eq!(t.metrics.spans_started.get(), 0);
+        // With probes traced, the probe is a span like any request.
+        let (t, mut rx) = telemetry(&["--trace-probes", "true"]);
+        drop(t.server_span(info(), &mut headers(&[("user-agent", "kube-probe/1.31")])));
+        assert_eq!(exported(&t, &mut rx).await.len(), 1);
+    }
 
     #[test]
     fn host_headers_split_like_authorities() {
