@@ -62,7 +62,7 @@ fn main() -> ExitCode {
             };
             init_logging(&config.log);
             // Each data-plane worker is a single-threaded runtime of its own (see proxy.rs); this
-            // one, on the main thread, is the first of them and also runs admin and export.
+            // one, on the main thread, is the first of them and also runs admin (export has a thread).
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

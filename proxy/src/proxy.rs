@@ -137,7 +137,7 @@ impl Proxy {
         // listeners (SO_REUSEPORT) and app connections, as nginx and Envoy run one event loop
         // per worker: no task migrates between threads and nothing on the request path is
         // shared between workers but the span queue and metrics. Worker 0 is the calling
-        // runtime, which also serves admin and export.
+        // runtime, which also serves admin; export runs on a thread of its own.
         let n = workers(&config);
         let bind = |addr: SocketAddr, what: &'static str| {
             bind_all(addr, n, false)

@@ -35,11 +35,20 @@ pub enum Sink {
     Channel(mpsc::UnboundedSender<export::SpanRecord>),
 }
 
+enum SinkKind {
+    Config,
+    Channel,
+}
+
 /// A failure to set up tracing.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error(transparent)]
     Otlp(#[from] otlp::OtlpError),
+    #[error("cannot start the span export thread: {0}")]
+    Thread(#[from] std::io::Error),
+    #[error("the span export thread stopped while starting")]
+    ThreadGone,
 }
 
 /// The sampler, propagators and export pipeline of one proxy. Spans are made here rather than
@@ -67,41 +76,57 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Builds the pipeline; must run inside the tokio runtime (the export task is spawned).
+    /// Builds the pipeline and starts its export thread.
     pub fn new(
         config: &Config,
         sink: Sink,
         metrics: Arc<Metrics>,
     ) -> Result<Telemetry, TelemetryError> {
         let resource = resource(config);
+        let sink_kind = match &sink {
+            Sink::FromConfig => SinkKind::Config,
+            Sink::Channel(_) => SinkKind::Channel,
+        };
         // Console and channel output stay in order with one exporter; OTLP gets one per
-        // concurrent export, each with its own connections.
-        let exporters: Vec<export::Exporter> = match sink {
-            Sink::Channel(tx) => vec![export::Exporter::Channel {
-                tx,
-                service: std::sync::Arc::from(""),
-            }],
+        // concurrent export, each with its own connections. They are made on the export thread,
+        // whose runtime drives their connections.
+        let make: export::MakeExporters = match sink {
+            Sink::Channel(tx) => Box::new(move || {
+                Ok(vec![export::Exporter::Channel {
+                    tx,
+                    service: std::sync::Arc::from(""),
+                }])
+            }),
             Sink::FromConfig => match config.exporter {
-                TracesExporter::None => Vec::new(),
-                TracesExporter::Console => vec![export::Exporter::Console(
-                    console::ConsoleExporter::default(),
-                )],
+                TracesExporter::None => Box::new(|| Ok(Vec::new())),
+                TracesExporter::Console => Box::new(|| {
+                    Ok(vec![export::Exporter::Console(
+                        console::ConsoleExporter::default(),
+                    )])
+                }),
                 TracesExporter::Otlp => {
-                    let first = otlp::OtlpExporter::new(&config.otlp)?;
-                    let mut all: Vec<export::Exporter> = (1..config.batch.max_concurrent_exports)
-                        .map(|_| export::Exporter::Otlp(Box::new(first.sibling())))
-                        .collect();
-                    all.insert(0, export::Exporter::Otlp(Box::new(first)));
-                    all
+                    let (cfg, n) = (config.otlp.clone(), config.batch.max_concurrent_exports);
+                    Box::new(move || {
+                        let first = otlp::OtlpExporter::new(&cfg)?;
+                        let mut all: Vec<export::Exporter> = (1..n)
+                            .map(|_| export::Exporter::Otlp(Box::new(first.sibling())))
+                            .collect();
+                        all.insert(0, export::Exporter::Otlp(Box::new(first)));
+                        Ok(all)
+                    })
                 }
             },
         };
-        let (queue, export) = if exporters.is_empty() {
-            (None, None)
-        } else {
+        let exports = !matches!(
+            (&sink_kind, config.exporter),
+            (SinkKind::Config, TracesExporter::None)
+        );
+        let (queue, export) = if exports {
             let (processor, handle) =
-                export::QueueProcessor::start(exporters, &resource, config.batch, metrics.clone());
+                export::QueueProcessor::start(make, &resource, config.batch, metrics.clone())?;
             (Some(processor), Some(handle))
+        } else {
+            (None, None)
         };
         let propagator =
             (!config.propagators.is_empty()).then(|| propagate::composite(&config.propagators));

@@ -98,10 +98,8 @@ pub fn traceparent(sc: &SpanContext) -> String {
     );
     out[35] = b'-';
     out[52] = b'-';
-    // Only ASCII was written, so each byte is a char.
-    let mut s = String::with_capacity(out.len());
-    s.extend(out.iter().map(|&b| b as char));
-    s
+    // Only ASCII was written, so this never falls back.
+    std::str::from_utf8(&out).unwrap_or_default().to_owned()
 }
 
 /// The default formats (`tracecontext`, optionally `baggage`) injected without building a
