@@ -7,10 +7,11 @@
 #   benches/load/cpu-split.sh                        # 2 rounds of: tracecar full, off, nginx
 #   ROUNDS=3 SECONDS_PER_RUN=5 benches/load/cpu-split.sh
 #   WORKERS=2 CONNS=128 PROXY_CPUS=0-1 LOAD_CPUS=0-1 ROUNDS=1 TARGETS=full benches/load/cpu-split.sh
+#   BASE_BIN=/tmp/old/tracecar-proxy TARGETS="base full" ROUNDS=4 benches/load/cpu-split.sh   # A/B
 #
 # Settings: ROUNDS (2), SECONDS_PER_RUN (5), CONNS (64), WORKERS (1: tracecar workers and nginx
-# worker_processes), PROXY_CPUS (1), LOAD_CPUS (0), TARGETS ("full off nginx"),
-# PORT_BASE (19180).
+# worker_processes), PROXY_CPUS (1), LOAD_CPUS (0), TARGETS ("full off nginx"; "base" is full
+# tracing with the binary BASE_BIN, e.g. one built from an earlier commit), PORT_BASE (19180).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rounds=${ROUNDS:-2}
@@ -93,13 +94,14 @@ measure() { # measure LABEL
         url=http://127.0.0.1:$nginx_port/
         ;;
     *)
-        local extra=()
+        local extra=() proxy_bin=$bin/tracecar-proxy
+        [ "$label" = base ] && proxy_bin=${BASE_BIN:?BASE_BIN names the baseline binary}
         [ "$label" = off ] && extra=(OTEL_TRACES_SAMPLER=always_off OTEL_TRACES_EXPORTER=none OTEL_PROPAGATORS=none)
         taskset -c "$proxy_cpus" env TRACECAR_INBOUND_LISTEN="$inbound" \
             TRACECAR_OUTBOUND_LISTEN=127.0.0.1:$((base + 3)) TRACECAR_ADMIN_LISTEN=127.0.0.1:$((base + 4)) \
             TRACECAR_INBOUND_TARGET="$app" OTEL_SERVICE_NAME=bench OTEL_TRACES_EXPORTER=otlp \
             OTEL_EXPORTER_OTLP_ENDPOINT="http://$sink" OTEL_TRACES_SAMPLER=always_on TRACECAR_LOG=warn \
-            TRACECAR_WORKER_THREADS="$workers" "${extra[@]}" "$bin/tracecar-proxy" run 2>/dev/null &
+            TRACECAR_WORKER_THREADS="$workers" "${extra[@]}" "$proxy_bin" run 2>/dev/null &
         pid=$!
         url=http://$inbound/
         ;;

@@ -199,9 +199,9 @@ pub type MakeExporters = Box<dyn FnOnce() -> Result<Vec<Exporter>, OtlpError> + 
 
 impl QueueProcessor {
     /// Starts the export thread: its own single-threaded runtime, so that sending a batch never
-    /// delays a request on a data-plane worker (it did, by a few hundred microseconds per batch,
-    /// when export shared worker 0). Each exporter carries one batch at a time; with several,
-    /// that many batches are in flight at once. Returns once the exporters are built.
+    /// runs on a data-plane worker (no request waits behind an export, and worker 0 carries no
+    /// more than the others). Each exporter carries one batch at a time; with several, that many
+    /// batches are in flight at once. Returns once the exporters are built.
     pub fn start(
         make: MakeExporters,
         resource: &Resource,
