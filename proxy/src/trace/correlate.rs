@@ -16,12 +16,23 @@ use opentelemetry::trace::SpanContext;
 #[derive(Debug, Default)]
 pub struct Inflight {
     next: AtomicU64,
-    // Requests in arrival order (ids ascending, newest last); a finished one leaves a hole
-    // (`None`) that is trimmed once it reaches either end. A short critical section, taken once
-    // per request; no allocation once the ring has grown to the app's concurrency, and nothing
-    // moves when a request in the middle finishes.
-    slots: Mutex<VecDeque<(u64, Option<SpanContext>)>>,
+    slots: Mutex<Slots>,
 }
+
+/// Requests in arrival order (ids ascending, newest last); a finished one leaves a hole (`None`)
+/// that is trimmed once it reaches either end. A short critical section, taken once per request;
+/// no allocation once the ring has grown to the app's concurrency, and nothing moves when a
+/// request in the middle finishes. A long-lived request at the front (a stream, a long poll)
+/// would keep every hole behind it, so when holes outnumber live entries the ring is compacted:
+/// its length stays within about twice the requests in flight.
+#[derive(Debug, Default)]
+struct Slots {
+    ring: VecDeque<(u64, Option<SpanContext>)>,
+    live: usize,
+}
+
+/// Holes tolerated beyond the live entries before compacting.
+const SLACK: usize = 64;
 
 /// Removes its entry from [`Inflight`] when the inbound request ends.
 #[derive(Debug)]
@@ -38,7 +49,8 @@ impl Inflight {
         let mut id = 0;
         if let Ok(mut slots) = self.slots.lock() {
             id = self.next.fetch_add(1, Ordering::Relaxed);
-            slots.push_back((id, Some(cx)));
+            slots.ring.push_back((id, Some(cx)));
+            slots.live += 1;
         }
         InflightGuard {
             owner: self.clone(),
@@ -49,21 +61,28 @@ impl Inflight {
     /// The newest inbound span still in flight.
     pub fn newest(&self) -> Option<SpanContext> {
         let slots = self.slots.lock().ok()?;
-        slots.iter().rev().find_map(|(_, cx)| cx.clone())
+        slots.ring.iter().rev().find_map(|(_, cx)| cx.clone())
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         if let Ok(mut slots) = self.owner.slots.lock() {
-            if let Ok(i) = slots.binary_search_by_key(&self.id, |(id, _)| *id) {
-                slots[i].1 = None;
+            let Slots { ring, live } = &mut *slots;
+            if let Ok(i) = ring.binary_search_by_key(&self.id, |(id, _)| *id) {
+                if ring[i].1.take().is_some() {
+                    *live -= 1;
+                }
             }
-            while slots.back().is_some_and(|(_, cx)| cx.is_none()) {
-                slots.pop_back();
+            while ring.back().is_some_and(|(_, cx)| cx.is_none()) {
+                ring.pop_back();
             }
-            while slots.front().is_some_and(|(_, cx)| cx.is_none()) {
-                slots.pop_front();
+            while ring.front().is_some_and(|(_, cx)| cx.is_none()) {
+                ring.pop_front();
+            }
+            // Amortised O(1): a compaction removes more holes than it costs.
+            if ring.len() > 2 * *live + SLACK {
+                ring.retain(|(_, cx)| cx.is_some());
             }
         }
     }
@@ -119,7 +138,7 @@ mod tests {
         }
         assert!(inflight.newest().is_none());
         assert!(
-            inflight.slots.lock().unwrap().is_empty(),
+            inflight.slots.lock().unwrap().ring.is_empty(),
             "every finished request left the table"
         );
     }
@@ -141,8 +160,31 @@ mod tests {
         guards[2].take();
         assert!(inflight.newest().is_none());
         assert!(
-            inflight.slots.lock().unwrap().is_empty(),
+            inflight.slots.lock().unwrap().ring.is_empty(),
             "holes are trimmed"
         );
+    }
+
+    #[test]
+    fn a_long_request_does_not_keep_every_later_one() {
+        let inflight = Arc::new(Inflight::default());
+        let stream = inflight.enter(sc(1));
+        // Steady traffic behind it: eight in flight at a time, oldest finishing first, so the
+        // newest entry is always live and no hole ever reaches the back.
+        let mut window = std::collections::VecDeque::new();
+        let mut longest = 0;
+        for n in 2..100_000u64 {
+            window.push_back(inflight.enter(sc(n)));
+            if window.len() > 8 {
+                window.pop_front();
+            }
+            longest = longest.max(inflight.slots.lock().unwrap().ring.len());
+        }
+        assert!(longest <= 2 * 10 + SLACK + 1, "ring grew to {longest}");
+        assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(99_999));
+        drop(window);
+        assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(1));
+        drop(stream);
+        assert!(inflight.slots.lock().unwrap().ring.is_empty());
     }
 }

@@ -368,7 +368,7 @@ impl Telemetry {
         kind: SpanKind,
         name: &str,
         parent: &Context,
-        drop: bool,
+        unsampled: bool,
         direction: Direction,
     ) -> RequestSpan {
         let started = SystemTime::now();
@@ -378,7 +378,7 @@ impl Telemetry {
         } else {
             self.ids.new_trace_id()
         };
-        let (sampled, trace_state) = if drop {
+        let (sampled, trace_state) = if unsampled {
             (false, parent_sc.trace_state().clone())
         } else {
             let r = self
