@@ -50,6 +50,17 @@ impl Batch {
         }
     }
 
+    /// Empties it, keeping its buffer.
+    pub fn clear(&mut self) {
+        self.bytes.clear();
+        self.count = 0;
+    }
+
+    /// Bytes its buffer holds without growing.
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+
     /// How many spans it holds.
     pub fn len(&self) -> usize {
         self.count

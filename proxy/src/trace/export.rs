@@ -8,8 +8,8 @@
 //! opentelemetry-otlp's conversion cost more CPU per span than the rest of the proxy's request
 //! path. The console and in-process exporters decode a batch back into the SDK's `SpanData`.
 //!
-//! The app's requests only ever pay an append under an uncontended lock: a full queue drops the
-//! span (counted), it never waits.
+//! The app's requests only ever pay an append inside a short critical section: a full queue
+//! drops the span (counted), it never waits.
 //!
 //! Retries: a batch whose export failed transiently (collector unreachable, TLS handshake
 //! refused, timeout, UNAVAILABLE / 429 / 502 / 503 / 504) is tried again after an exponential
@@ -123,8 +123,8 @@ pub struct QueueProcessor {
     metrics: Arc<Metrics>,
 }
 
-/// Finished spans waiting for export, already in batches. A request only takes an uncontended
-/// lock to append its span; the export task is woken once per full batch (or by its timer), not
+/// Finished spans waiting for export, already in batches. A request only takes the lock for a
+/// short append of its span (the workers share it); the export task is woken once per full batch (or by its timer), not
 /// once per span, which at 100% sampling was a task wake-up and a timer registration per request.
 #[derive(Debug)]
 struct Queue {
@@ -144,19 +144,48 @@ struct Pending {
     current: Batch,
     /// Spans in `full` and `current`.
     total: usize,
+    /// Exported batches, emptied, to be filled again: a batch's buffer is allocated (and its
+    /// pages faulted in) once, not once per export, and never while a request holds the lock.
+    spare: Vec<Batch>,
 }
+
+/// Spare batches kept: one per export in flight is enough for a steady state.
+const MAX_SPARE: usize = 4;
 
 impl Queue {
     /// The oldest batch: a full one, or with `partial` whatever is there.
     fn take(&self, partial: bool) -> Option<Batch> {
+        // A replacement for a partial batch is made before the lock, not under it.
+        let replacement = partial.then(|| self.spare_or_new());
         let mut p = self.spans.lock().unwrap_or_else(|e| e.into_inner());
         let batch = match p.full.pop_front() {
             Some(b) => b,
-            None if partial && !p.current.is_empty() => std::mem::take(&mut p.current),
+            None if partial && !p.current.is_empty() => {
+                std::mem::replace(&mut p.current, replacement.unwrap_or_default())
+            }
             None => return None,
         };
         p.total -= batch.len();
         Some(batch)
+    }
+
+    fn spare_or_new(&self) -> Batch {
+        let spare = self
+            .spans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .spare
+            .pop();
+        spare.unwrap_or_else(|| Batch::with_capacity(self.batch_size))
+    }
+
+    /// Takes back an exported batch's buffer for a later batch.
+    fn recycle(&self, mut batch: Batch) {
+        batch.clear();
+        let mut p = self.spans.lock().unwrap_or_else(|e| e.into_inner());
+        if p.spare.len() < MAX_SPARE {
+            p.spare.push(batch);
+        }
     }
 }
 
@@ -169,7 +198,7 @@ impl std::fmt::Debug for ControlMsg {
     }
 }
 
-/// Flushes and stops the export task.
+/// Asks the export task to flush.
 #[derive(Debug, Clone)]
 pub struct ExportHandle {
     control: mpsc::Sender<ControlMsg>,
@@ -179,17 +208,18 @@ impl ExportHandle {
     /// Exports everything queued so far; returns when done or after `timeout`.
     pub async fn flush(&self, timeout: Duration) -> bool {
         let (tx, rx) = oneshot::channel();
-        if self
-            .control
-            .send(ControlMsg(Control::Flush(tx)))
+        // The whole exchange is bounded: during an outage the task may be busy retrying and
+        // earlier flush requests may fill the control channel.
+        let flushed = async {
+            self.control
+                .send(ControlMsg(Control::Flush(tx)))
+                .await
+                .is_ok()
+                && rx.await.is_ok()
+        };
+        tokio::time::timeout(timeout, flushed)
             .await
-            .is_err()
-        {
-            return false;
-        }
-        tokio::time::timeout(timeout, rx)
-            .await
-            .is_ok_and(|r| r.is_ok())
+            .unwrap_or(false)
     }
 }
 
@@ -215,7 +245,10 @@ impl QueueProcessor {
             }),
             wake: Notify::new(),
             closed: AtomicBool::new(false),
-            batch_size: batch.max_export_batch_size.max(1),
+            // As the SDK does: a batch never waits for more spans than the queue can hold.
+            batch_size: batch
+                .max_export_batch_size
+                .clamp(1, batch.max_queue_size.max(1)),
             max_size: batch.max_queue_size.max(1),
         });
         let (control_tx, control_rx) = mpsc::channel(4);
@@ -251,6 +284,7 @@ impl QueueProcessor {
                         m.export_healthy.set(0);
                     }
                     let worker = Worker {
+                        queue: q,
                         idle: exporters,
                         in_flight: FuturesUnordered::new(),
                         batch,
@@ -261,10 +295,11 @@ impl QueueProcessor {
                         }),
                     };
                     let _ = ready_tx.send(Ok(()));
-                    worker.run(q, control_rx).await;
+                    worker.run(control_rx).await;
                 });
             })?;
-        // Building exporters does no I/O (connections are made on first export): a short wait.
+        // Building exporters does no network I/O (connections are made on first export; only TLS
+        // files are read): a short wait. `make` must not use the caller's runtime.
         ready_rx
             .recv()
             .map_err(|_| super::TelemetryError::ThreadGone)??;
@@ -279,7 +314,7 @@ impl QueueProcessor {
 
 impl Drop for QueueProcessor {
     fn drop(&mut self) {
-        // The export task sends what is left and stops.
+        // The export task sends what is left and stops (also when only the handle is left).
         self.queue.closed.store(true, Ordering::Release);
         self.queue.wake.notify_one();
     }
@@ -303,7 +338,9 @@ impl QueueProcessor {
         p.total += 1;
         let full = p.current.len() >= q.batch_size;
         if full {
-            let next = Batch::with_capacity(q.batch_size);
+            // An exported batch's buffer when there is one (the steady state); otherwise an
+            // empty batch that grows with its spans.
+            let next = p.spare.pop().unwrap_or_default();
             let batch = std::mem::replace(&mut p.current, next);
             p.full.push_back(batch);
         }
@@ -338,12 +375,13 @@ impl Health {
     }
 }
 
-type InFlight = Pin<Box<dyn Future<Output = Exporter> + Send>>;
+type InFlight = Pin<Box<dyn Future<Output = (Exporter, Batch)> + Send>>;
 
 struct Worker {
+    queue: Arc<Queue>,
     /// Exporters not carrying a batch right now.
     idle: Vec<Exporter>,
-    /// Batches being exported (with retries); each gives its exporter back when done.
+    /// Batches being exported (with retries); each gives its exporter and batch back when done.
     in_flight: FuturesUnordered<InFlight>,
     batch: BatchConfig,
     metrics: Arc<Metrics>,
@@ -351,7 +389,8 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(mut self, queue: Arc<Queue>, mut control: mpsc::Receiver<ControlMsg>) {
+    async fn run(mut self, mut control: mpsc::Receiver<ControlMsg>) {
+        let queue = self.queue.clone();
         let delay = self.batch.schedule_delay;
         let timer = tokio::time::sleep(delay);
         tokio::pin!(timer);
@@ -360,9 +399,9 @@ impl Worker {
             tokio::select! {
                 _ = queue.wake.notified() => {}
                 _ = &mut timer => due = true,
-                Some(exporter) = self.in_flight.next(), if !self.in_flight.is_empty() => {
+                Some(done) = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     // An exporter is free again: full batches may have waited for it.
-                    self.idle.push(exporter);
+                    self.finished(done);
                 }
                 msg = control.recv() => match msg {
                     Some(ControlMsg(Control::Flush(done))) => {
@@ -371,7 +410,12 @@ impl Worker {
                         let _ = done.send(());
                         continue;
                     }
-                    None => return,
+                    // Every handle is gone (the proxy is stopping): what is queued still goes.
+                    None => {
+                        self.export_all(&queue).await;
+                        self.drain().await;
+                        return;
+                    }
                 },
             }
             if queue.closed.load(Ordering::Acquire) {
@@ -412,7 +456,7 @@ impl Worker {
         self.metrics.export_queue.dec_by(batch.len() as i64);
         while self.idle.is_empty() {
             match self.in_flight.next().await {
-                Some(exporter) => self.idle.push(exporter),
+                Some(done) => self.finished(done),
                 None => return, // no exporter at all
             }
         }
@@ -430,9 +474,15 @@ impl Worker {
 
     /// Waits for every batch in flight.
     async fn drain(&mut self) {
-        while let Some(exporter) = self.in_flight.next().await {
-            self.idle.push(exporter);
+        while let Some(done) = self.in_flight.next().await {
+            self.finished(done);
         }
+    }
+
+    /// An export is over: its exporter is free, its batch's buffer can be filled again.
+    fn finished(&mut self, (exporter, batch): (Exporter, Batch)) {
+        self.idle.push(exporter);
+        self.queue.recycle(batch);
     }
 }
 
@@ -444,7 +494,7 @@ async fn export_batch(
     attempt_timeout: Duration,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-) -> Exporter {
+) -> (Exporter, Batch) {
     let n = batch.len() as u64;
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -453,7 +503,7 @@ async fn export_batch(
             Ok(Ok(())) => {
                 metrics.spans_exported.inc_by(n);
                 health.set(true, None);
-                return exporter;
+                return (exporter, batch);
             }
             Ok(Err(f)) => f,
             Err(_) => ExportFailure {
@@ -468,7 +518,7 @@ async fn export_batch(
             Retry::Never => {
                 tracing::debug!(error = %failure.message, spans = n, reason = failure.reason, "batch dropped");
                 metrics.spans_dropped(failure.reason, n);
-                return exporter;
+                return (exporter, batch);
             }
             Retry::After(hint) => hint.min(MAX_HINT),
             Retry::Backoff => jitter(backoff),
@@ -543,6 +593,84 @@ mod tests {
             let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
             assert_eq!(got.expect("exported").expect("a span").1.name, "GET");
         }
+    }
+
+    fn encoded_span() -> Vec<u8> {
+        let sc = opentelemetry::trace::SpanContext::new(
+            opentelemetry::trace::TraceId::from(1u128),
+            opentelemetry::trace::SpanId::from(2u64),
+            opentelemetry::trace::TraceFlags::SAMPLED,
+            false,
+            Default::default(),
+        );
+        super::super::encode::SpanWriter::start(
+            &sc,
+            &opentelemetry::trace::SpanContext::empty_context(),
+            opentelemetry::trace::SpanKind::Server,
+            "GET",
+            std::time::SystemTime::now(),
+        )
+        .finish(std::time::SystemTime::now(), None)
+    }
+
+    #[tokio::test]
+    async fn what_is_queued_is_sent_when_the_pipeline_is_dropped_without_a_flush() {
+        for handle_first in [true, false] {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let (queue, handle) = start(Box::new(move || {
+                Ok(vec![Exporter::Channel {
+                    tx,
+                    service: Arc::from(""),
+                }])
+            }))
+            .expect("starts");
+            // One span: the batch (two) is not full and the schedule delay is 5 s.
+            queue.push(&encoded_span());
+            if handle_first {
+                drop(handle);
+                drop(queue);
+            } else {
+                drop(queue);
+                drop(handle);
+            }
+            let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+            assert!(
+                matches!(got, Ok(Some(_))),
+                "handle dropped first: {handle_first}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn exported_batches_are_reused() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (queue, _handle) = start(Box::new(move || {
+            Ok(vec![Exporter::Channel {
+                tx,
+                service: Arc::from(""),
+            }])
+        }))
+        .expect("starts");
+        for _ in 0..2 {
+            queue.push(&encoded_span());
+        }
+        for _ in 0..2 {
+            let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+            assert!(matches!(got, Ok(Some(_))));
+        }
+        let spare = || {
+            let p = queue.queue.spans.lock().unwrap();
+            p.spare.iter().map(|b| b.capacity()).max().unwrap_or(0)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while spare() == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(spare() > 0, "the exported batch's buffer came back");
+        // The next full batch takes it instead of a new one.
+        queue.push(&encoded_span());
+        queue.push(&encoded_span());
+        assert_eq!(queue.queue.spans.lock().unwrap().spare.len(), 0);
     }
 
     #[test]

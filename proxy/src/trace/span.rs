@@ -389,12 +389,16 @@ impl Telemetry {
                 r.trace_state,
             )
         };
-        let flags = if parent_sc.is_valid() {
-            parent_sc.trace_flags()
+        // As the SDK's tracer: a sampled span keeps the parent's other flags, an unsampled one
+        // gets none (B3's debug or deferred bits would otherwise force or defer sampling
+        // downstream of a span that is not recorded).
+        let flags = if sampled && parent_sc.is_valid() {
+            parent_sc.trace_flags().with_sampled(true)
+        } else if sampled {
+            TraceFlags::SAMPLED
         } else {
             TraceFlags::default()
-        }
-        .with_sampled(sampled);
+        };
         let context = SpanContext::new(trace_id, self.ids.new_span_id(), flags, false, trace_state);
         let writer = (sampled && self.queue.is_some()).then(|| {
             self.metrics.spans_started.inc();
@@ -699,6 +703,29 @@ mod tests {
         // With probes traced, the probe is a span like any request.
         let (t, mut rx) = telemetry(&["--trace-probes", "true"]);
         drop(t.server_span(info(), &mut headers(&[("user-agent", "kube-probe/1.31")])));
+        assert_eq!(exported(&t, &mut rx).await.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unrecorded_span_passes_on_no_debug_flag() {
+        // A B3 debug parent on a probe: the probe gets no span, so downstream must not be told
+        // to force sampling (the debug bit) under the proxy's unrecorded span.
+        let (t, mut rx) = telemetry(&["--propagators", "b3"]);
+        let mut h = headers(&[
+            ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-d"),
+            ("user-agent", "kube-probe/1.31"),
+        ]);
+        let span = t.server_span(info(), &mut h);
+        let own = span.span_context().span_id();
+        drop(span);
+        assert_eq!(h["b3"], format!("80f198ee56343ba864fe8b2a57d3eff7-{own}-0"));
+        assert!(exported(&t, &mut rx).await.is_empty());
+        // A sampled B3 parent on a request is recorded and says so downstream.
+        let mut h = headers(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")]);
+        let span = t.server_span(info(), &mut h);
+        let own = span.span_context().span_id();
+        drop(span);
+        assert_eq!(h["b3"], format!("80f198ee56343ba864fe8b2a57d3eff7-{own}-1"));
         assert_eq!(exported(&t, &mut rx).await.len(), 1);
     }
 
