@@ -124,12 +124,18 @@ impl Collector {
         self.sink.as_ref().expect("running")
     }
 
+    /// Stops serving, then returns what was received. In that order: a batch acknowledged
+    /// between a snapshot and the shutdown would count as exported at the proxy but be missing
+    /// here.
     fn stop(mut self) -> Vec<tracecar_tests::sink::RecvSpan> {
-        let spans = self.sink().spans();
-        drop(self.sink.take());
         if let Some(rt) = self.rt.take() {
             rt.shutdown_background();
         }
+        // `shutdown_background` does not wait for a poll already running on the collector's
+        // thread; one that stores spans now can no longer answer, so the proxy sends them again.
+        std::thread::sleep(Duration::from_millis(200));
+        let spans = self.sink().spans();
+        drop(self.sink.take());
         spans
     }
 }

@@ -156,17 +156,26 @@ impl Queue {
     /// The oldest batch: a full one, or with `partial` whatever is there.
     fn take(&self, partial: bool) -> Option<Batch> {
         // A replacement for a partial batch is made before the lock, not under it.
-        let replacement = partial.then(|| self.spare_or_new());
+        let mut replacement = partial.then(|| self.spare_or_new());
         let mut p = self.spans.lock().unwrap_or_else(|e| e.into_inner());
         let batch = match p.full.pop_front() {
-            Some(b) => b,
-            None if partial && !p.current.is_empty() => {
-                std::mem::replace(&mut p.current, replacement.unwrap_or_default())
-            }
-            None => return None,
+            Some(b) => Some(b),
+            None if partial && !p.current.is_empty() => Some(std::mem::replace(
+                &mut p.current,
+                replacement.take().unwrap_or_default(),
+            )),
+            None => None,
         };
-        p.total -= batch.len();
-        Some(batch)
+        // Not needed after all: kept for the next batch.
+        if let Some(r) = replacement {
+            if p.spare.len() < MAX_SPARE {
+                p.spare.push(r);
+            }
+        }
+        if let Some(b) = &batch {
+            p.total -= b.len();
+        }
+        batch
     }
 
     fn spare_or_new(&self) -> Batch {
