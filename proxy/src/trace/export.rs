@@ -567,11 +567,16 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn exporters_are_built_and_run_on_the_export_thread() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
+    /// A pipeline into a channel; the name of the thread that built its exporter comes first.
+    fn channel_pipeline() -> (
+        QueueProcessor,
+        ExportHandle,
+        mpsc::UnboundedReceiver<SpanRecord>,
+        Option<String>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
         let (built_tx, built_rx) = std::sync::mpsc::channel();
-        let (queue, _handle) = start(Box::new(move || {
+        let (queue, handle) = start(Box::new(move || {
             let _ = built_tx.send(std::thread::current().name().map(str::to_owned));
             Ok(vec![Exporter::Channel {
                 tx,
@@ -579,24 +584,17 @@ mod tests {
             }])
         }))
         .expect("starts");
-        assert_eq!(built_rx.recv().unwrap().as_deref(), Some("tracecar-export"));
+        let built_on = built_rx.recv().ok().flatten();
+        (queue, handle, rx, built_on)
+    }
+
+    #[tokio::test]
+    async fn exporters_are_built_and_run_on_the_export_thread() {
+        let (queue, _handle, mut rx, built_on) = channel_pipeline();
+        assert_eq!(built_on.as_deref(), Some("tracecar-export"));
         // A full batch (two spans) is exported without waiting for the schedule delay.
-        let sc = opentelemetry::trace::SpanContext::new(
-            opentelemetry::trace::TraceId::from(1u128),
-            opentelemetry::trace::SpanId::from(2u64),
-            opentelemetry::trace::TraceFlags::SAMPLED,
-            false,
-            Default::default(),
-        );
         for _ in 0..2 {
-            let w = super::super::encode::SpanWriter::start(
-                &sc,
-                &opentelemetry::trace::SpanContext::empty_context(),
-                opentelemetry::trace::SpanKind::Server,
-                "GET",
-                std::time::SystemTime::now(),
-            );
-            queue.push(&w.finish(std::time::SystemTime::now(), None));
+            queue.push(&encoded_span());
         }
         for _ in 0..2 {
             let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
@@ -625,14 +623,7 @@ mod tests {
     #[tokio::test]
     async fn what_is_queued_is_sent_when_the_pipeline_is_dropped_without_a_flush() {
         for handle_first in [true, false] {
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            let (queue, handle) = start(Box::new(move || {
-                Ok(vec![Exporter::Channel {
-                    tx,
-                    service: Arc::from(""),
-                }])
-            }))
-            .expect("starts");
+            let (queue, handle, mut rx, _) = channel_pipeline();
             // One span: the batch (two) is not full and the schedule delay is 5 s.
             queue.push(&encoded_span());
             if handle_first {
@@ -652,14 +643,7 @@ mod tests {
 
     #[tokio::test]
     async fn exported_batches_are_reused() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (queue, _handle) = start(Box::new(move || {
-            Ok(vec![Exporter::Channel {
-                tx,
-                service: Arc::from(""),
-            }])
-        }))
-        .expect("starts");
+        let (queue, _handle, mut rx, _) = channel_pipeline();
         for _ in 0..2 {
             queue.push(&encoded_span());
         }
