@@ -319,10 +319,21 @@ impl Sink {
 
     /// Waits until at least `n` spans arrived (or `timeout` passed) and returns all of them.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<RecvSpan> {
+        self.wait_until(|spans| spans.len() >= n, timeout).await
+    }
+
+    /// Waits until the spans received so far satisfy `done` (or `timeout` passed) and returns
+    /// them. For a span that may come after others: the proxy sends batches concurrently, so
+    /// arrival order is not end order.
+    pub async fn wait_until(
+        &self,
+        done: impl Fn(&[RecvSpan]) -> bool,
+        timeout: Duration,
+    ) -> Vec<RecvSpan> {
         let start = Instant::now();
         loop {
             let spans = self.spans();
-            if spans.len() >= n || start.elapsed() > timeout {
+            if done(&spans) || start.elapsed() > timeout {
                 return spans;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
