@@ -64,7 +64,7 @@ fn info() -> RequestInfo<'static> {
         version: Version::HTTP_11,
         server_address: None,
         server_port: Some(8080),
-        client_address: Some("10.1.2.3".into()),
+        client_address: Some("10.1.2.3"),
         host: None,
         user_agent: None,
     }

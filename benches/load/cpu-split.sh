@@ -14,6 +14,8 @@
 # tracing with the binary BASE_BIN, e.g. one built from an earlier commit), PORT_BASE (19180).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=nginx-conf.sh
+. benches/load/nginx-conf.sh
 rounds=${ROUNDS:-2}
 secs=${SECONDS_PER_RUN:-5}
 conns=${CONNS:-64}
@@ -45,27 +47,8 @@ taskset -c "$load_cpus" "$bin/otlp-sink" --listen "$sink" --out "$work/spans" --
 pids+=($!)
 sleep 0.5
 
-mkdir -p "$work/nginx/logs" "$work/nginx/tmp"
-cat >"$work/nginx/nginx.conf" <<EOF
-daemon off;
-master_process $([ "$workers" = 1 ] && echo off || echo on);
-worker_processes $workers;
-user root;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/logs/error.log error;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $work/nginx/tmp/body;
-    proxy_temp_path $work/nginx/tmp/proxy;
-    keepalive_requests 1000000;
-    upstream app { server $app; keepalive 128; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:$nginx_port;
-        location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
-    }
-}
-EOF
+nginx_conf "$work/nginx" "$workers" "$app" "127.0.0.1:$nginx_port"
+hz=$(getconf CLK_TCK)
 
 ticks() { # ticks PID: "utime stime" of PID and its children (nginx workers), clock ticks
     local p u=0 s=0 f
@@ -118,9 +101,9 @@ measure() { # measure LABEL
     wait "$pid" 2>/dev/null || true
     read -r u0 s0 <<<"$before"
     read -r u1 s1 <<<"$after"
-    # clock ticks are 1/100 s: µs per request = ticks * 10000 / requests
-    awk -v l="$label" -v r="$req" -v s="$secs" -v u=$((u1 - u0)) -v k=$((s1 - s0)) -v m="$rss" \
-        'BEGIN { printf "| %s | %d | %.2f | %.2f | %.2f | %.1f |\n", l, r / s, u * 10000 / r, k * 10000 / r, (u + k) * 10000 / r, m / 1024 }'
+    # µs per request = ticks * (1e6 / ticks per second) / requests
+    awk -v l="$label" -v r="$req" -v s="$secs" -v u=$((u1 - u0)) -v k=$((s1 - s0)) -v m="$rss" -v t="$(( 1000000 / hz ))" \
+        'BEGIN { printf "| %s | %d | %.2f | %.2f | %.2f | %.1f |\n", l, r / s, u * t / r, k * t / r, (u + k) * t / r, m / 1024 }'
 }
 
 echo "| target | req/s | user µs/req | system µs/req | total µs/req | peak RSS MiB |"

@@ -29,6 +29,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=nginx-conf.sh
+. "$here/nginx-conf.sh"
 if [ -z "${BENCH_BIN_DIR:-}" ] && [ -x "$here/bin/tracecar-proxy" ]; then
     # run.sh inside a bundle made by bundle.sh: use the bundled binaries.
     BENCH_BIN_DIR=$here/bin
@@ -214,42 +216,7 @@ esac
 
 case " $targets " in
 *" nginx "*)
-    mkdir -p "$work/nginx/logs" "$work/nginx/tmp"
-    if [ "$workers" = 1 ]; then master="master_process off;"; else master="master_process on;"; fi
-    # The nginx side of the comparison: one worker (like tracecar's one runtime thread), no
-    # access log, HTTP/1.1 upstream with a keep-alive pool (as tracecar pools its connections).
-    cat >"$work/nginx/nginx.conf" <<EOF
-daemon off;
-$master
-worker_processes $workers;
-user root;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/logs/error.log error;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $work/nginx/tmp/body;
-    proxy_temp_path $work/nginx/tmp/proxy;
-    fastcgi_temp_path $work/nginx/tmp/fastcgi;
-    uwsgi_temp_path $work/nginx/tmp/uwsgi;
-    scgi_temp_path $work/nginx/tmp/scgi;
-    keepalive_requests 1000000;
-    keepalive_timeout 75s;
-    upstream app {
-        server 127.0.0.1:$app_port;
-        keepalive 128;
-        keepalive_requests 1000000;
-    }
-    server {
-        listen 127.0.0.1:$nginx_port;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+    nginx_conf "$work/nginx" "$workers" "127.0.0.1:$app_port" "127.0.0.1:$nginx_port"
     cp "$work/nginx/nginx.conf" "$out_dir/nginx.conf"
     "${pin_proxy[@]}" "$nginx_bin" -p "$work/nginx" -e "$work/nginx/logs/error.log" \
         -c "$work/nginx/nginx.conf" 2>"$work/nginx.log" &

@@ -135,14 +135,20 @@ pub async fn connect_tcp(
             let _ = stream.set_nodelay(true);
             Ok(stream)
         }
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-            Err(ForwardError::Refused(target.to_string()))
-        }
-        Ok(Err(e)) => Err(ForwardError::Connect {
-            target: target.to_string(),
-            message: e.to_string(),
-        }),
+        Ok(Err(e)) => Err(connect_failure(target, e.kind(), e.to_string())),
         Err(_) => Err(ForwardError::Timeout(target.to_string())),
+    }
+}
+
+/// A failed connect, by the kind of its I/O error: one classification for both HTTP paths.
+fn connect_failure(target: &str, kind: std::io::ErrorKind, message: String) -> ForwardError {
+    match kind {
+        std::io::ErrorKind::ConnectionRefused => ForwardError::Refused(target.to_string()),
+        std::io::ErrorKind::TimedOut => ForwardError::Timeout(target.to_string()),
+        _ => ForwardError::Connect {
+            target: target.to_string(),
+            message,
+        },
     }
 }
 
@@ -160,34 +166,23 @@ pub fn local_response(status: StatusCode, message: impl Into<Bytes>) -> Response
 }
 
 fn classify(target: &str, e: &hyper_util::client::legacy::Error) -> ForwardError {
-    let message = error_chain(e);
-    if e.is_connect() {
-        // The I/O error under hyper's connect error says what happened, as on the lean path.
-        let mut source = std::error::Error::source(e);
-        let mut kind = None;
-        while let Some(inner) = source {
-            if let Some(io) = inner.downcast_ref::<std::io::Error>() {
-                kind = Some(io.kind());
-                break;
-            }
-            source = inner.source();
-        }
-        if kind == Some(std::io::ErrorKind::ConnectionRefused) {
-            ForwardError::Refused(target.to_string())
-        } else if kind == Some(std::io::ErrorKind::TimedOut) {
-            ForwardError::Timeout(target.to_string())
-        } else {
-            ForwardError::Connect {
-                target: target.to_string(),
-                message,
-            }
-        }
-    } else {
-        ForwardError::Upstream {
+    if !e.is_connect() {
+        return ForwardError::Upstream {
             target: target.to_string(),
-            message,
-        }
+            message: error_chain(e),
+        };
     }
+    // The I/O error under hyper's connect error says what happened, as on the lean path.
+    let mut source = std::error::Error::source(e);
+    let mut kind = std::io::ErrorKind::Other;
+    while let Some(inner) = source {
+        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            kind = io.kind();
+            break;
+        }
+        source = inner.source();
+    }
+    connect_failure(target, kind, error_chain(e))
 }
 
 /// An error and its sources, `outer: inner: ...`, for span statuses and log lines.

@@ -379,7 +379,7 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
         version: Version::HTTP_11,
         server_address: routed.map(|(h, _)| h),
         server_port: routed.map(|(_, p)| p),
-        client_address: (shared.direction == Direction::Inbound).then(|| conn.peer_ip.clone()),
+        client_address: conn.peer_ip.as_deref(),
         host,
         user_agent,
     };

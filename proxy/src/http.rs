@@ -36,8 +36,9 @@ pub struct Conn {
     /// Fixed destination (original destination, or the inbound target); `None` on the outbound
     /// listener means forward-proxy routing by the request itself.
     pub target: Option<Arc<str>>,
-    /// The peer's address as text, made once per connection for `client.address`.
-    pub peer_ip: Arc<str>,
+    /// The peer's address as text for inbound spans' `client.address`, made once per
+    /// connection; `None` on the outbound listener, whose spans do not carry it.
+    pub peer_ip: Option<Box<str>>,
 }
 
 /// Serves HTTP/1 and HTTP/2 on `stream` until it closes or shutdown asks it to: plain HTTP/1.1
@@ -99,7 +100,8 @@ impl tokio::io::AsyncRead for Rewind {
     ) -> std::task::Poll<std::io::Result<()>> {
         if !self.read.is_empty() {
             let n = self.read.len().min(buf.remaining());
-            buf.put_slice(&self.read.split_to(n));
+            buf.put_slice(&self.read[..n]);
+            bytes::Buf::advance(&mut self.read, n);
             return std::task::Poll::Ready(Ok(()));
         }
         std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -230,7 +232,7 @@ impl Conn {
             version: parts.version,
             server_address: routed.as_ref().map(|(h, _)| h.as_str()),
             server_port: routed.as_ref().map(|(_, p)| *p),
-            client_address: (shared.direction == Direction::Inbound).then(|| self.peer_ip.clone()),
+            client_address: self.peer_ip.as_deref(),
             host: None,
             user_agent: None,
         };

@@ -100,7 +100,7 @@ async fn handle(
         .metrics
         .connection(shared.direction, "http");
     let conn = Conn {
-        peer_ip: peer.ip().to_string().into(),
+        peer_ip: (shared.direction == Direction::Inbound).then(|| peer.ip().to_string().into()),
         shared,
         target,
     };

@@ -108,8 +108,18 @@ type WorkerListeners = Vec<(std::net::TcpListener, Arc<Shared>)>;
 async fn serve_worker(
     listeners: WorkerListeners,
     cfg: ListenerConfig,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
+    // Connections wait for shutdown between requests; on the proxy-wide channel that is a
+    // lock shared by every worker, taken twice per request. They wait on this worker's own
+    // channel instead, which one task relays.
+    let (local_tx, local) = watch::channel(*shutdown.borrow());
+    tokio::spawn(async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        let _ = local_tx.send(true);
+        local_tx.closed().await;
+    });
+    let shutdown = local;
     let mut tasks = JoinSet::new();
     for (listener, shared) in listeners {
         // Registered with this worker's runtime, which alone drives it.

@@ -7,7 +7,6 @@
 //! concurrency; spans linked this way carry `tracecar.correlation=inflight`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use opentelemetry::trace::SpanContext;
@@ -15,7 +14,6 @@ use opentelemetry::trace::SpanContext;
 /// The in-flight inbound spans of one proxy.
 #[derive(Debug, Default)]
 pub struct Inflight {
-    next: AtomicU64,
     slots: Mutex<Slots>,
 }
 
@@ -29,6 +27,8 @@ pub struct Inflight {
 struct Slots {
     ring: VecDeque<(u64, Option<SpanContext>)>,
     live: usize,
+    /// The next request's id.
+    next: u64,
 }
 
 /// Holes tolerated beyond the live entries before compacting.
@@ -48,7 +48,8 @@ impl Inflight {
         // by binary search) even when several workers enter at once.
         let mut id = 0;
         if let Ok(mut slots) = self.slots.lock() {
-            id = self.next.fetch_add(1, Ordering::Relaxed);
+            id = slots.next;
+            slots.next += 1;
             slots.ring.push_back((id, Some(cx)));
             slots.live += 1;
         }
@@ -68,7 +69,7 @@ impl Inflight {
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         if let Ok(mut slots) = self.owner.slots.lock() {
-            let Slots { ring, live } = &mut *slots;
+            let Slots { ring, live, .. } = &mut *slots;
             if let Ok(i) = ring.binary_search_by_key(&self.id, |(id, _)| *id) {
                 if ring[i].1.take().is_some() {
                     *live -= 1;

@@ -57,6 +57,7 @@ impl Batch {
     }
 
     /// Bytes its buffer holds without growing.
+    #[cfg(test)]
     pub fn capacity(&self) -> usize {
         self.bytes.capacity()
     }

@@ -35,11 +35,6 @@ pub enum Sink {
     Channel(mpsc::UnboundedSender<export::SpanRecord>),
 }
 
-enum SinkKind {
-    Config,
-    Channel,
-}
-
 /// A failure to set up tracing.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -83,50 +78,43 @@ impl Telemetry {
         metrics: Arc<Metrics>,
     ) -> Result<Telemetry, TelemetryError> {
         let resource = resource(config);
-        let sink_kind = match &sink {
-            Sink::FromConfig => SinkKind::Config,
-            Sink::Channel(_) => SinkKind::Channel,
-        };
         // Console and channel output stay in order with one exporter; OTLP gets one per
         // concurrent export, each with its own connections. They are made on the export thread,
-        // whose runtime drives their connections.
-        let make: export::MakeExporters = match sink {
-            Sink::Channel(tx) => Box::new(move || {
+        // whose runtime drives their connections. `None`: nothing exports.
+        let make: Option<export::MakeExporters> = match sink {
+            Sink::Channel(tx) => Some(Box::new(move || {
                 Ok(vec![export::Exporter::Channel {
                     tx,
                     service: std::sync::Arc::from(""),
                 }])
-            }),
+            })),
             Sink::FromConfig => match config.exporter {
-                TracesExporter::None => Box::new(|| Ok(Vec::new())),
-                TracesExporter::Console => Box::new(|| {
+                TracesExporter::None => None,
+                TracesExporter::Console => Some(Box::new(|| {
                     Ok(vec![export::Exporter::Console(
                         console::ConsoleExporter::default(),
                     )])
-                }),
+                })),
                 TracesExporter::Otlp => {
                     let (cfg, n) = (config.otlp.clone(), config.batch.max_concurrent_exports);
-                    Box::new(move || {
+                    Some(Box::new(move || {
                         let first = otlp::OtlpExporter::new(&cfg)?;
                         let mut all: Vec<export::Exporter> = (1..n)
                             .map(|_| export::Exporter::Otlp(Box::new(first.sibling())))
                             .collect();
                         all.insert(0, export::Exporter::Otlp(Box::new(first)));
                         Ok(all)
-                    })
+                    }))
                 }
             },
         };
-        let exports = !matches!(
-            (&sink_kind, config.exporter),
-            (SinkKind::Config, TracesExporter::None)
-        );
-        let (queue, export) = if exports {
-            let (processor, handle) =
-                export::QueueProcessor::start(make, &resource, config.batch, metrics.clone())?;
-            (Some(processor), Some(handle))
-        } else {
-            (None, None)
+        let (queue, export) = match make {
+            Some(make) => {
+                let (processor, handle) =
+                    export::QueueProcessor::start(make, &resource, config.batch, metrics.clone())?;
+                (Some(processor), Some(handle))
+            }
+            None => (None, None),
         };
         let propagator =
             (!config.propagators.is_empty()).then(|| propagate::composite(&config.propagators));

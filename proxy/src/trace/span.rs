@@ -30,7 +30,7 @@ pub struct RequestInfo<'a> {
     pub server_address: Option<&'a str>,
     pub server_port: Option<u16>,
     /// The peer that sent the request (inbound only).
-    pub client_address: Option<std::sync::Arc<str>>,
+    pub client_address: Option<&'a str>,
     /// The Host header (or :authority); filled from the headers by [`Telemetry::server_span`]
     /// and [`Telemetry::client_span`].
     pub host: Option<&'a str>,
@@ -77,10 +77,14 @@ impl Injected {
     /// Writes the headers into `headers`, replacing any with the same name.
     pub fn apply(self, headers: &mut HeaderMap) {
         for (k, v) in self.0 {
-            if let (Ok(name), Ok(value)) = (
-                http::header::HeaderName::from_bytes(k.as_bytes()),
-                http::HeaderValue::from_str(&v),
-            ) {
+            // The known names are static and lowercase: no copy of the name; the value's
+            // `String` becomes the header value without another copy.
+            let name = match k {
+                Cow::Borrowed(k) => Ok(http::header::HeaderName::from_static(k)),
+                Cow::Owned(k) => http::header::HeaderName::from_bytes(k.as_bytes()),
+            };
+            let value = http::HeaderValue::from_maybe_shared(bytes::Bytes::from(v));
+            if let (Ok(name), Ok(value)) = (name, value) {
                 headers.insert(name, value);
             }
         }
@@ -372,7 +376,8 @@ impl Telemetry {
         direction: Direction,
     ) -> RequestSpan {
         let started = SystemTime::now();
-        let parent_sc = parent.span().span_context().clone();
+        let parent_span = parent.span();
+        let parent_sc = parent_span.span_context();
         let trace_id = if parent_sc.is_valid() {
             parent_sc.trace_id()
         } else {
@@ -402,7 +407,7 @@ impl Telemetry {
         let context = SpanContext::new(trace_id, self.ids.new_span_id(), flags, false, trace_state);
         let writer = (sampled && self.queue.is_some()).then(|| {
             self.metrics.spans_started.inc();
-            SpanWriter::start(&context, &parent_sc, kind, name, started)
+            SpanWriter::start(&context, parent_sc, kind, name, started)
         });
         RequestSpan {
             context,
@@ -568,7 +573,7 @@ mod tests {
             version: Version::HTTP_11,
             server_address: None,
             server_port: Some(15143),
-            client_address: Some("10.0.0.9".into()),
+            client_address: Some("10.0.0.9"),
             host: None,
             user_agent: None,
         }

@@ -1,0 +1,43 @@
+# The nginx side of every proxy comparison, sourced by run.sh and cpu-split.sh so that they
+# measure the same nginx: WORKERS worker processes (1: master_process off, the worker itself is
+# measured), no access log, HTTP/1.1 upstream with a keep-alive pool (as tracecar pools its
+# connections), keep-alive limits raised so neither side reconnects.
+#
+#   nginx_conf DIR WORKERS APP_ADDR LISTEN_ADDR   # writes DIR/nginx.conf, makes DIR/{logs,tmp}
+nginx_conf() {
+    local dir=$1 workers=$2 app=$3 listen=$4 master=on
+    [ "$workers" = 1 ] && master=off
+    mkdir -p "$dir/logs" "$dir/tmp"
+    cat >"$dir/nginx.conf" <<EOF
+daemon off;
+master_process $master;
+worker_processes $workers;
+user root;
+pid $dir/nginx.pid;
+error_log $dir/logs/error.log error;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $dir/tmp/body;
+    proxy_temp_path $dir/tmp/proxy;
+    fastcgi_temp_path $dir/tmp/fastcgi;
+    uwsgi_temp_path $dir/tmp/uwsgi;
+    scgi_temp_path $dir/tmp/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 75s;
+    upstream app {
+        server $app;
+        keepalive 128;
+        keepalive_requests 1000000;
+    }
+    server {
+        listen $listen;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+}
