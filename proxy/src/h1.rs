@@ -56,7 +56,8 @@ pub enum Outcome {
 /// An idle app connection and when it went idle.
 type IdleConn = (TcpStream, Instant);
 
-/// Idle keep-alive connections to apps, by `host:port`, shared by every client connection.
+/// Idle keep-alive connections to apps, by `host:port`, shared by one worker's client
+/// connections (each worker has its own).
 #[derive(Debug, Default)]
 pub struct IdlePool {
     idle: Mutex<HashMap<Arc<str>, Vec<IdleConn>>>,
@@ -77,7 +78,9 @@ impl IdlePool {
     fn put(&self, target: Arc<str>, stream: TcpStream) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(target).or_default();
-        list.retain(|(_, since)| since.elapsed() < POOL_IDLE);
+        // Oldest first (each is pushed when it goes idle): the stale ones are a prefix.
+        let stale = list.partition_point(|(_, since)| since.elapsed() >= POOL_IDLE);
+        list.drain(..stale);
         if list.len() < POOL_MAX_PER_TARGET {
             list.push((stream, Instant::now()));
         }
@@ -92,6 +95,15 @@ enum Framing {
     Chunked,
     /// Until the sender closes (responses only).
     Close,
+}
+
+impl Upstream {
+    /// Back to the pool, unless it holds bytes of a response nobody read (then it is closed).
+    fn release(self, pool: &IdlePool) {
+        if self.buf.is_empty() {
+            pool.put(self.target, self.stream);
+        }
+    }
 }
 
 /// The app connection a client connection is using.
@@ -160,8 +172,7 @@ pub async fn serve(
             Prepared::Forward(h) => h,
             Prepared::Closed => break Outcome::Done,
             Prepared::Fallback | Prepared::Partial => break Outcome::Fallback(inbuf),
-            Prepared::Local(head_len, status, message) => {
-                inbuf.advance(head_len);
+            Prepared::Local(status, message) => {
                 let _ = write_local(client, status, message).await;
                 // The request's body, if any, was never read: the connection cannot go on.
                 break Outcome::Done;
@@ -178,9 +189,7 @@ pub async fn serve(
         }
     };
     if let Some(u) = up.take() {
-        if u.buf.is_empty() {
-            pool.put(u.target, u.stream);
-        }
+        u.release(pool);
     }
     if matches!(outcome, Outcome::Done) {
         let _ = client.shutdown().await;
@@ -216,8 +225,8 @@ enum Prepared {
     Partial,
     /// Not for this path (see the module comment).
     Fallback,
-    /// Answered by the proxy itself: the head's length, the status and a message.
-    Local(usize, StatusCode, &'static str),
+    /// Answered by the proxy itself: the status and a message.
+    Local(StatusCode, &'static str),
     /// The client closed (or shutdown came) between requests.
     Closed,
 }
@@ -364,7 +373,7 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
         None if shared.direction == Direction::Outbound => {
             match shared.route(uri_authority.or(host)) {
                 Ok(r) => Some(r),
-                Err(r) => return Prepared::Local(head_len, r.status, r.message),
+                Err(r) => return Prepared::Local(r.status, r.message),
             }
         }
         None => None,
@@ -400,11 +409,7 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
             let e = ForwardError::NoTarget(crate::http::NO_TARGET);
             span.set_status(StatusCode::BAD_GATEWAY);
             span.fail(e.error_type(), e.to_string());
-            return Prepared::Local(
-                head_len,
-                StatusCode::BAD_GATEWAY,
-                crate::http::NO_TARGET_MESSAGE,
-            );
+            return Prepared::Local(StatusCode::BAD_GATEWAY, crate::http::NO_TARGET_MESSAGE);
         }
     };
     // The head for the app: origin-form target, connection headers dropped, propagation
@@ -495,9 +500,7 @@ async fn exchange(
         attempt += 1;
         if up.as_ref().is_some_and(|u| *u.target != *target) {
             if let Some(old) = up.take() {
-                if old.buf.is_empty() {
-                    pool.put(old.target, old.stream);
-                }
+                old.release(pool);
             }
         }
         if up.as_ref().is_some_and(|u| looks_closed(&u.stream)) {
@@ -509,11 +512,7 @@ async fn exchange(
             match connect(conn, pool, &target, attempt > 1).await {
                 Ok(u) => *up = Some(u),
                 Err(e) => {
-                    span.set_status(StatusCode::BAD_GATEWAY);
-                    span.fail(e.error_type(), e.to_string());
-                    drop(span);
-                    let message = format!("tracecar: {e}\n");
-                    let _ = write_local(client, StatusCode::BAD_GATEWAY, &message).await;
+                    bad_gateway(client, span, e).await;
                     return Ok(replayable && !client_close);
                 }
             }
@@ -559,11 +558,7 @@ async fn exchange(
                     target: target.to_string(),
                     message: e.to_string(),
                 };
-                span.set_status(StatusCode::BAD_GATEWAY);
-                span.fail(e.error_type(), e.to_string());
-                drop(span);
-                let message = format!("tracecar: {e}\n");
-                let _ = write_local(client, StatusCode::BAD_GATEWAY, &message).await;
+                bad_gateway(client, span, e).await;
                 return Ok(body.done() && !client_close);
             }
         }
@@ -599,7 +594,8 @@ async fn exchange(
         }
     }
     drop(span);
-    if resp_framing == Framing::Close || !resp_head.keep_alive || !u.buf.is_empty() || early {
+    // (`keep_alive` is false for a body that ends at close.)
+    if !resp_head.keep_alive || !u.buf.is_empty() || early {
         // The app closes after this response, or sent more than it should have.
         *up = None;
     }
@@ -751,6 +747,8 @@ fn response_start(
     let mut coded: Option<bool> = None;
     let mut length: Option<u64> = None;
     let mut keep_alive = resp.version == Some(1);
+    // The app named headers of its own hop in `Connection` (rare): those are dropped too.
+    let mut lists_headers = false;
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             let last = h.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
@@ -769,6 +767,8 @@ fn response_start(
                     keep_alive = false;
                 } else if t.eq_ignore_ascii_case(b"keep-alive") {
                     keep_alive = true;
+                } else if !t.is_empty() {
+                    lists_headers = true;
                 }
             }
         }
@@ -785,7 +785,7 @@ fn response_start(
     let close_client = close || framing == Framing::Close;
     out.clear();
     // A content-length next to transfer-encoding is not what frames the body: not forwarded.
-    write_parsed_response_head(out, resp, close_client, coded.is_some());
+    write_parsed_response_head(out, resp, close_client, coded.is_some(), lists_headers);
     Ok(ResponseStart::Final(ResponseHead {
         head_len: n,
         status,
@@ -795,13 +795,15 @@ fn response_start(
     }))
 }
 
-/// The client's response head: `HTTP/1.1`, connection headers dropped, `connection: close`
-/// when this is the connection's last response.
+/// The client's response head: `HTTP/1.1`, connection headers dropped (with those named in
+/// `Connection` when `lists_headers`), `connection: close` when this is the connection's last
+/// response.
 fn write_parsed_response_head(
     out: &mut Vec<u8>,
     resp: &httparse::Response<'_, '_>,
     close: bool,
     drop_length: bool,
+    lists_headers: bool,
 ) {
     let code = resp.code.unwrap_or(502);
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -809,19 +811,16 @@ fn write_parsed_response_head(
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    // Headers the app named in `Connection` belong to its hop only (rare: checked only then).
-    let tokens = || {
-        resp.headers
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-            .flat_map(|h| h.value.split(|b| *b == b','))
-            .map(<[u8]>::trim_ascii)
+    // Headers the app named in `Connection` belong to its hop only.
+    let listed = |name: &str| {
+        lists_headers
+            && resp
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+                .flat_map(|h| h.value.split(|b| *b == b','))
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(name.as_bytes()))
     };
-    let any_listed = tokens().any(|t| {
-        !t.is_empty() && !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive")
-    });
-    let listed =
-        |name: &str| any_listed && tokens().any(|t| t.eq_ignore_ascii_case(name.as_bytes()));
     for h in resp.headers.iter() {
         if hop_by_hop(h.name)
             || h.name.eq_ignore_ascii_case("te")
@@ -850,6 +849,15 @@ fn itoa3(code: u16) -> [u8; 3] {
 }
 
 /// A response made by the proxy itself (502, 400, 508).
+/// The app could not be reached or failed mid-exchange: the span says why, the client gets 502.
+async fn bad_gateway(client: &mut TcpStream, mut span: RequestSpan, e: ForwardError) {
+    span.set_status(StatusCode::BAD_GATEWAY);
+    span.fail(e.error_type(), e.to_string());
+    drop(span);
+    let message = format!("tracecar: {e}\n");
+    let _ = write_local(client, StatusCode::BAD_GATEWAY, &message).await;
+}
+
 async fn write_local(client: &mut TcpStream, status: StatusCode, message: &str) -> io::Result<()> {
     let head = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\nx-tracecar-error: 1\r\ncontent-length: {}\r\n\r\n",
@@ -1135,13 +1143,7 @@ mod tests {
     #[test]
     fn response_heads_lose_connection_headers() {
         let head = b"HTTP/1.0 200 OK\r\nConnection: keep-alive, x-h\r\nX-H: 1\r\nKeep-Alive: 5\r\nContent-Length: 2\r\n\r\n";
-        let mut out = Vec::new();
-        parse_response(head, |_, resp| {
-            write_parsed_response_head(&mut out, resp, true, false)
-        });
-        assert_eq!(
-            String::from_utf8_lossy(&out),
-            "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nconnection: close\r\n\r\n"
-        );
+        let (_, out) = start(head).unwrap();
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n");
     }
 }

@@ -43,13 +43,18 @@ pub struct Conn {
 
 /// Serves HTTP/1 and HTTP/2 on `stream` until it closes or shutdown asks it to: plain HTTP/1.1
 /// on the lean path ([`crate::h1`]), the rest (from the first request that needs it) with hyper.
+/// `http2`: detection already saw the HTTP/2 preface, so hyper serves it from the start.
 pub async fn serve(
     conn: Conn,
     mut stream: TcpStream,
+    http2: bool,
     watcher: Watcher,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let conn = Arc::new(conn);
+    if http2 {
+        return serve_hyper(conn, Rewind::new(bytes::BytesMut::new(), stream), watcher).await;
+    }
     let read = match crate::h1::serve(&conn, &mut stream, shutdown).await {
         crate::h1::Outcome::Done => return,
         crate::h1::Outcome::Fallback(read) => read,

@@ -85,13 +85,14 @@ async fn handle(
     };
     // HTTP goes to the original destination, or (not redirected) to the inbound target or,
     // outbound, wherever each forward-proxy request says; anything else redirected is spliced.
-    let target = match redirected {
+    let (target, http2) = match redirected {
         None => match shared.direction {
-            Direction::Inbound => cfg.default_target.clone(),
-            Direction::Outbound => None,
+            Direction::Inbound => (cfg.default_target.clone(), false),
+            Direction::Outbound => (None, false),
         },
         Some(dst) => match detect(&stream, cfg.detect_timeout).await {
-            Protocol::Http1 | Protocol::Http2 => Some(dst.to_string().into()),
+            Protocol::Http1 => (Some(dst.to_string().into()), false),
+            Protocol::Http2 => (Some(dst.to_string().into()), true),
             other => return pass_through(stream, dst, other, &shared).await,
         },
     };
@@ -104,7 +105,7 @@ async fn handle(
         shared,
         target,
     };
-    serve(conn, stream, watcher, stop).await;
+    serve(conn, stream, http2, watcher, stop).await;
 }
 
 /// A redirected connection that is not HTTP: TLS or anything else, forwarded byte for byte.

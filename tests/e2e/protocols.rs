@@ -20,6 +20,22 @@ fn env(sink: &Sink, target: std::net::SocketAddr) -> Vec<(String, String)> {
     e
 }
 
+/// An HTTP/2 (prior knowledge) client connection to `addr`, driven in the background.
+async fn h2_client<B>(addr: std::net::SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_unary_through_the_inbound_listener() {
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
@@ -78,12 +94,7 @@ async fn http2_streaming_request_and_response_with_trailers() {
     let sink = Sink::start().await;
     let app = App::start().await;
     let proxy = ProxyProcess::spawn(&env(&sink, app.addr));
-    let stream = tokio::net::TcpStream::connect(proxy.inbound).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(proxy.inbound).await;
 
     // Response side: data frames then trailers.
     let req = http::Request::get("http://app/trailers")
@@ -283,16 +294,9 @@ async fn large_bodies_stream_with_flat_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http2_to_a_dead_app_is_a_502_with_connection_refused() {
     let sink = Sink::start().await;
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = dead.local_addr().unwrap();
-    drop(dead);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], tracecar_tests::free_port()));
     let proxy = ProxyProcess::spawn(&env(&sink, addr));
-    let stream = tokio::net::TcpStream::connect(proxy.inbound).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2_client(proxy.inbound).await;
     let req = http::Request::get("http://app/x")
         .body(Empty::<Bytes>::new())
         .unwrap();

@@ -557,16 +557,7 @@ enum Field<'a> {
 /// The top-level fields of one protobuf message; `None` when it is malformed.
 fn proto_fields(mut buf: &[u8]) -> Option<Vec<(u64, Field<'_>)>> {
     fn varint(buf: &mut &[u8]) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&b, rest) = buf.split_first()?;
-            *buf = rest;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
+        prost::encoding::decode_varint(buf).ok()
     }
     let mut out = Vec::new();
     while !buf.is_empty() {

@@ -60,17 +60,8 @@ struct Counts {
 /// cost the receiver more CPU than the proxy spent exporting, and on a small machine the
 /// receiver shares a core with the load generator.
 fn count_spans(request: &[u8]) -> Option<u64> {
-    fn varint(b: &mut &[u8]) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (&byte, rest) = b.split_first()?;
-            *b = rest;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
+    fn varint(buf: &mut &[u8]) -> Option<u64> {
+        prost::encoding::decode_varint(buf).ok()
     }
     /// Calls `f` with each length-delimited field number `want` of `b`, skipping the rest.
     fn each<'a>(
