@@ -44,7 +44,7 @@ for b in "${bins[@]}"; do
     done
 done
 cp "$repo/benches/load/run.sh" "$dest/run.sh"
-cp "$repo/benches/load/nginx-conf.sh" "$dest/nginx-conf.sh"
+cp "$repo/benches/load/common.sh" "$dest/common.sh"
 chmod +x "$dest/run.sh"
 tar czf "$dest/../tracecar-bench-bundle.tar.gz" -C "$(dirname "$dest")" "$(basename "$dest")"
 echo "bundle: $dest ($(du -sh "$dest" | cut -f1)); archive: $(cd "$dest/.." && pwd)/tracecar-bench-bundle.tar.gz"

@@ -14,8 +14,8 @@
 # tracing with the binary BASE_BIN, e.g. one built from an earlier commit), PORT_BASE (19180).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-# shellcheck source=nginx-conf.sh
-. benches/load/nginx-conf.sh
+# shellcheck source=common.sh
+. benches/load/common.sh
 rounds=${ROUNDS:-2}
 secs=${SECONDS_PER_RUN:-5}
 conns=${CONNS:-64}
@@ -50,24 +50,6 @@ sleep 0.5
 nginx_conf "$work/nginx" "$workers" "$app" "127.0.0.1:$nginx_port"
 hz=$(getconf CLK_TCK)
 
-ticks() { # ticks PID: "utime stime" of PID and its children (nginx workers), clock ticks
-    local p u=0 s=0 f
-    for p in "$1" $(cat "/proc/$1/task/$1/children" 2>/dev/null); do
-        f=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null) || continue
-        u=$((u + $(echo "$f" | awk '{print $12}')))
-        s=$((s + $(echo "$f" | awk '{print $13}')))
-    done
-    echo "$u $s"
-}
-hwm() { # hwm PID: peak RSS of PID and its children, KiB
-    local p t=0 v
-    for p in "$1" $(cat "/proc/$1/task/$1/children" 2>/dev/null); do
-        v=$(awk '/^VmHWM:/ { print $2 }' "/proc/$p/status" 2>/dev/null || echo 0)
-        t=$((t + ${v:-0}))
-    done
-    echo "$t"
-}
-
 measure() { # measure LABEL
     local label=$1 pid url
     case "$label" in
@@ -92,11 +74,11 @@ measure() { # measure LABEL
     sleep 0.5
     taskset -c "$load_cpus" wrk -t1 -c"$conns" -d1s "$url" >/dev/null
     local before after req
-    before=$(ticks "$pid")
+    before=$(proc_ticks "$pid")
     req=$(taskset -c "$load_cpus" wrk -t1 -c"$conns" -d"${secs}s" "$url" | awk '/requests in/ {print $1}')
-    after=$(ticks "$pid")
+    after=$(proc_ticks "$pid")
     local rss
-    rss=$(hwm "$pid")
+    rss=$(hwm_kib "$pid")
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     read -r u0 s0 <<<"$before"

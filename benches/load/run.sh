@@ -29,8 +29,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=nginx-conf.sh
-. "$here/nginx-conf.sh"
+# shellcheck source=common.sh
+. "$here/common.sh"
 if [ -z "${BENCH_BIN_DIR:-}" ] && [ -x "$here/bin/tracecar-proxy" ]; then
     # run.sh inside a bundle made by bundle.sh: use the bundled binaries.
     BENCH_BIN_DIR=$here/bin
@@ -153,24 +153,10 @@ dropped() { # all tracecar_spans_dropped_total series, summed
 }
 
 cpu_ticks() { # cpu_ticks PID: utime+stime of PID and its children processes, in clock ticks
-    local p t=0 f
-    for p in "$1" $(cat "/proc/$1/task/$1/children" 2>/dev/null); do
-        f=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null) || continue
-        # after "comm) ": field 1 is state, so utime/stime (stat fields 14/15) are 12/13 here
-        t=$((t + $(echo "$f" | awk '{ print $12 + $13 }')))
-    done
-    echo "$t"
+    local u s
+    read -r u s <<<"$(proc_ticks "$1")"
+    echo $((u + s))
 }
-
-hwm_kib() { # hwm_kib PID: peak RSS (VmHWM) of PID plus its children, KiB
-    local p t=0 v
-    for p in "$1" $(cat "/proc/$1/task/$1/children" 2>/dev/null); do
-        v=$(awk '/^VmHWM:/ { print $2 }' "/proc/$p/status" 2>/dev/null || echo 0)
-        t=$((t + ${v:-0}))
-    done
-    echo "$t"
-}
-
 hz=$(getconf CLK_TCK)
 mkdir -p "$out_dir"
 rm -f "$out_dir"/*-sat-*.json "$out_dir"/*-rate-*.json

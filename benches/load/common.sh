@@ -1,5 +1,6 @@
-# The nginx side of every proxy comparison, sourced by run.sh and cpu-split.sh so that they
-# measure the same nginx: WORKERS worker processes (1: master_process off, the worker itself is
+# What the load scripts share, sourced by run.sh and cpu-split.sh (and bundled with run.sh).
+#
+# nginx_conf: the nginx side of every proxy comparison, so that they measure the same nginx: WORKERS worker processes (1: master_process off, the worker itself is
 # measured), no access log, HTTP/1.1 upstream with a keep-alive pool (as tracecar pools its
 # connections), keep-alive limits raised so neither side reconnects.
 #
@@ -40,4 +41,26 @@ http {
     }
 }
 EOF
+}
+
+# proc_ticks PID: "utime stime" of PID and its children processes (nginx workers), clock ticks.
+proc_ticks() {
+    local p u=0 s=0 f
+    for p in "$1" $(cat "/proc/$1/task/$1/children" 2>/dev/null); do
+        f=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null) || continue
+        # after "comm) ": field 1 is state, so utime/stime (stat fields 14/15) are 12/13 here
+        u=$((u + $(echo "$f" | awk '{ print $12 }')))
+        s=$((s + $(echo "$f" | awk '{ print $13 }')))
+    done
+    echo "$u $s"
+}
+
+# hwm_kib PID: peak RSS (VmHWM) of PID plus its children processes, KiB.
+hwm_kib() {
+    local p t=0 v
+    for p in "$1" $(cat "/proc/$1/task/$1/children" 2>/dev/null); do
+        v=$(awk '/^VmHWM:/ { print $2 }' "/proc/$p/status" 2>/dev/null || echo 0)
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
 }
