@@ -57,6 +57,33 @@ pub struct RunArgs {
     /// this is `auto`.
     #[arg(long, env = "TRACECAR_WORKER_THREADS", default_value = "auto")]
     pub worker_threads: String,
+    /// How long a client may take to send a whole request head, from the connection's start or
+    /// from a head's first byte (nginx's `client_header_timeout`).
+    #[arg(long, env = "TRACECAR_REQUEST_HEAD_TIMEOUT", default_value = "60s")]
+    pub request_head_timeout: String,
+    /// How long a client connection may sit idle between requests (nginx's
+    /// `keepalive_timeout`).
+    #[arg(long, env = "TRACECAR_IDLE_TIMEOUT", default_value = "75s")]
+    pub idle_timeout: String,
+    /// How long the app may take to start its response once it has the request (nginx's
+    /// `proxy_read_timeout`); the client then gets 504. `0` turns it off.
+    #[arg(long, env = "TRACECAR_RESPONSE_HEAD_TIMEOUT", default_value = "60s")]
+    pub response_head_timeout: String,
+    /// How long a body (either way) or a tunnel may go without a byte before the exchange is
+    /// ended (Envoy's `stream_idle_timeout`).
+    #[arg(long, env = "TRACECAR_STREAM_IDLE_TIMEOUT", default_value = "5m")]
+    pub stream_idle_timeout: String,
+    /// How long connecting to the app or a peer may take before the client gets 502.
+    #[arg(long, env = "TRACECAR_CONNECT_TIMEOUT", default_value = "5s")]
+    pub connect_timeout: String,
+    /// Client connections open at once on each listener; more are accepted and closed at once
+    /// (shed) and counted.
+    #[arg(long, env = "TRACECAR_MAX_CONNECTIONS", default_value = "10000")]
+    pub max_connections: String,
+    /// Serve plain HTTP/1.1 on the lean path (true) or every request with hyper (false; for
+    /// comparing the two paths).
+    #[arg(long, env = "TRACECAR_HTTP1_LEAN", default_value = "true")]
+    pub http1_lean: String,
     /// Also trace the kubelet's probes (requests from `kube-probe/*`); off, they are only proxied.
     #[arg(long, env = "TRACECAR_TRACE_PROBES", default_value = "false")]
     pub trace_probes: String,
@@ -253,6 +280,34 @@ impl Default for BatchConfig {
     }
 }
 
+/// Timeouts and limits that keep one connection from holding the proxy's resources.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub request_head_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// `None`: off.
+    pub response_head_timeout: Option<Duration>,
+    pub stream_idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Per listener, over all workers.
+    pub max_connections: usize,
+    pub http1_lean: bool,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            request_head_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(75),
+            response_head_timeout: Some(Duration::from_secs(60)),
+            stream_idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
+            http1_lean: true,
+        }
+    }
+}
+
 /// The validated configuration of one proxy.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -268,6 +323,7 @@ pub struct Config {
     /// `None`: decided at start-up (`auto`).
     pub worker_threads: Option<usize>,
     pub trace_probes: bool,
+    pub limits: Limits,
     pub service_name: String,
     /// Resource attributes, in order: OTEL_RESOURCE_ATTRIBUTES, then the pod metadata.
     pub resource: Vec<(String, String)>,
@@ -336,7 +392,8 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
         "m" => n * 60.0,
         _ => return None,
     };
-    Some(Duration::from_secs_f64(secs))
+    // (`from_secs_f64` would panic on a value too large for a Duration.)
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 fn duration(var: &'static str, flag: &'static str, v: &str) -> Result<Duration, ConfigError> {
@@ -486,6 +543,50 @@ impl RunArgs {
             "detect-timeout",
             &self.detect_timeout,
         )?;
+        let positive = |var, flag, v: &str| {
+            duration(var, flag, v).and_then(|d| {
+                if d.is_zero() {
+                    Err(err(var, flag, v, "a duration greater than 0, such as 10s or 500ms"))
+                } else {
+                    Ok(d)
+                }
+            })
+        };
+        let response_head_timeout = duration(
+            "TRACECAR_RESPONSE_HEAD_TIMEOUT",
+            "response-head-timeout",
+            &self.response_head_timeout,
+        )?;
+        let limits = Limits {
+            request_head_timeout: positive(
+                "TRACECAR_REQUEST_HEAD_TIMEOUT",
+                "request-head-timeout",
+                &self.request_head_timeout,
+            )?,
+            idle_timeout: positive("TRACECAR_IDLE_TIMEOUT", "idle-timeout", &self.idle_timeout)?,
+            response_head_timeout: (!response_head_timeout.is_zero())
+                .then_some(response_head_timeout),
+            stream_idle_timeout: positive(
+                "TRACECAR_STREAM_IDLE_TIMEOUT",
+                "stream-idle-timeout",
+                &self.stream_idle_timeout,
+            )?,
+            connect_timeout: positive(
+                "TRACECAR_CONNECT_TIMEOUT",
+                "connect-timeout",
+                &self.connect_timeout,
+            )?,
+            max_connections: count(
+                "TRACECAR_MAX_CONNECTIONS",
+                "max-connections",
+                &self.max_connections,
+            )?,
+            http1_lean: match self.http1_lean.trim() {
+                "true" | "" => true,
+                "false" => false,
+                v => return Err(err("TRACECAR_HTTP1_LEAN", "http1-lean", v, "true or false")),
+            },
+        };
 
         let mut resource = match self.resource_attributes.as_deref() {
             None => Vec::new(),
@@ -708,6 +809,7 @@ impl RunArgs {
             detect_timeout,
             worker_threads,
             trace_probes,
+            limits,
             service_name,
             resource,
             exporter,

@@ -25,6 +25,7 @@ pub struct Shared {
     pub telemetry: Arc<Telemetry>,
     pub upstream: Upstream,
     pub connect_timeout: Duration,
+    pub limits: crate::config::Limits,
     /// The listener's port, to refuse forward-proxy requests addressed to the proxy itself.
     pub listen_port: u16,
 }
@@ -52,7 +53,7 @@ pub async fn serve(
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let conn = Arc::new(conn);
-    if http2 {
+    if http2 || !conn.shared.limits.http1_lean {
         return serve_hyper(conn, Rewind::new(bytes::BytesMut::new(), stream), watcher).await;
     }
     let read = match crate::h1::serve(&conn, &mut stream, shutdown).await {

@@ -133,9 +133,6 @@ async fn serve_worker(
     while tasks.join_next().await.is_some() {}
 }
 
-/// How long connecting to an upstream may take before the client gets a 502.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
 impl Proxy {
     /// Binds every listener and starts serving. Must run inside a tokio runtime.
     pub async fn start(config: Config, sink: Sink) -> anyhow::Result<Proxy> {
@@ -149,6 +146,7 @@ impl Proxy {
         // shared between workers but the span queue and metrics. Worker 0 is the calling
         // runtime, which also serves admin; export runs on a thread of its own.
         let n = workers(&config);
+        let limits = config.limits;
         let bind = |addr: SocketAddr, what: &'static str| {
             bind_all(addr, n, false)
                 .with_context(|| format!("cannot bind the {what} listener on {addr}"))
@@ -191,7 +189,7 @@ impl Proxy {
         let mut per_worker = per_worker.into_iter().map(|listeners| {
             // Each worker its own app connections: a pooled connection stays on the runtime
             // whose reactor drives it.
-            let upstream = Upstream::new(CONNECT_TIMEOUT);
+            let upstream = Upstream::new(limits.connect_timeout);
             listeners
                 .into_iter()
                 .map(|(listener, direction)| {
@@ -199,7 +197,8 @@ impl Proxy {
                         direction,
                         telemetry: telemetry.clone(),
                         upstream: upstream.clone(),
-                        connect_timeout: CONNECT_TIMEOUT,
+                        connect_timeout: limits.connect_timeout,
+                        limits,
                         listen_port: match direction {
                             Direction::Inbound => inbound_addr.port(),
                             Direction::Outbound => outbound_addr.port(),
