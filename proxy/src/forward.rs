@@ -12,6 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use crate::rules::OwnPorts;
 use crate::trace::{RequestSpan, TracedBody};
 
 /// The body of every response the proxy sends back.
@@ -30,6 +31,10 @@ pub enum ForwardError {
     Upstream { target: String, message: String },
     #[error("no destination for the request: {0}")]
     NoTarget(&'static str),
+    #[error("{0} is this proxy's own listener: the request would loop")]
+    Loop(String),
+    #[error("{0} did not start its response in time")]
+    ResponseTimeout(String),
 }
 
 impl ForwardError {
@@ -41,7 +46,58 @@ impl ForwardError {
             ForwardError::Connect { .. } => "connect_error",
             ForwardError::Upstream { .. } => "upstream_error",
             ForwardError::NoTarget(_) => "no_destination",
+            ForwardError::Loop(_) => "loop_detected",
+            ForwardError::ResponseTimeout(_) => "response_timeout",
         }
+    }
+
+    /// The status the client gets.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ForwardError::Loop(_) => StatusCode::LOOP_DETECTED,
+            ForwardError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// hyper's connector, refusing a connection that reached one of the proxy's own listeners
+/// (see [`OwnPorts`]).
+#[derive(Debug, Clone)]
+pub struct GuardedConnector {
+    inner: HttpConnector,
+    own: OwnPorts,
+}
+
+/// The error [`GuardedConnector`] gives for a connection to the proxy itself.
+#[derive(Debug, thiserror::Error)]
+#[error("the destination is this proxy's own listener")]
+pub struct LoopError;
+
+impl tower::Service<Uri> for GuardedConnector {
+    type Response = TokioIo<tokio::net::TcpStream>;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, dst: Uri) -> Self::Future {
+        let connecting = self.inner.call(dst);
+        let own = self.own;
+        Box::pin(async move {
+            let io = connecting.await?;
+            if own.check(io.inner()) {
+                return Err(LoopError.into());
+            }
+            Ok(io)
+        })
     }
 }
 
@@ -50,16 +106,30 @@ impl ForwardError {
 pub struct Upstream {
     /// Idle app connections of the HTTP/1.1 path ([`crate::h1`]).
     pub idle: std::sync::Arc<crate::h1::IdlePool>,
-    http1: Client<HttpConnector, Incoming>,
-    http2: Client<HttpConnector, Incoming>,
+    http1: Client<GuardedConnector, Incoming>,
+    http2: Client<GuardedConnector, Incoming>,
+    response_head_timeout: Option<Duration>,
+    /// How long an upgraded connection may go silent.
+    stream_idle: Duration,
 }
 
 impl Upstream {
     pub fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(false);
+        let limits = crate::config::Limits {
+            connect_timeout,
+            response_head_timeout: None,
+            ..Default::default()
+        };
+        Self::with_limits(&limits, OwnPorts::default())
+    }
+
+    /// `own`: the listener ports a connection must not reach (the proxy itself).
+    pub fn with_limits(limits: &crate::config::Limits, own: OwnPorts) -> Self {
+        let mut inner = HttpConnector::new();
+        inner.set_nodelay(true);
+        inner.set_connect_timeout(Some(limits.connect_timeout));
+        inner.enforce_http(false);
+        let connector = GuardedConnector { inner, own };
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
@@ -71,6 +141,8 @@ impl Upstream {
             idle: Default::default(),
             http1,
             http2,
+            response_head_timeout: limits.response_head_timeout,
+            stream_idle: limits.stream_idle_timeout,
         }
     }
 
@@ -91,7 +163,15 @@ impl Upstream {
             Version::HTTP_2 => &self.http2,
             _ => &self.http1,
         };
-        let mut resp = match client.request(req).await {
+        let responded = client.request(req);
+        let responded = match self.response_head_timeout {
+            Some(limit) => match tokio::time::timeout(limit, responded).await {
+                Ok(r) => r,
+                Err(_) => return Err((ForwardError::ResponseTimeout(target.to_string()), span)),
+            },
+            None => responded.await,
+        };
+        let mut resp = match responded {
             Ok(r) => r,
             Err(e) => return Err((classify(target, &e), span)),
         };
@@ -99,17 +179,15 @@ impl Upstream {
         let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
         remove_hop_by_hop(resp.headers_mut(), switching);
         if switching {
+            let stream_idle = self.stream_idle;
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 tokio::spawn(async move {
                     // The span lasts as long as the upgraded connection.
                     let _span = span;
                     if let (Ok(a), Ok(b)) = (client_upgrade.await, upstream_upgrade.await) {
-                        let _ = tokio::io::copy_bidirectional(
-                            &mut TokioIo::new(a),
-                            &mut TokioIo::new(b),
-                        )
-                        .await;
+                        let _ = crate::idle::splice(TokioIo::new(a), TokioIo::new(b), stream_idle)
+                            .await;
                     }
                 });
                 let (parts, _) = resp.into_parts();
@@ -176,6 +254,9 @@ fn classify(target: &str, e: &hyper_util::client::legacy::Error) -> ForwardError
     let mut source = std::error::Error::source(e);
     let mut kind = std::io::ErrorKind::Other;
     while let Some(inner) = source {
+        if inner.is::<LoopError>() {
+            return ForwardError::Loop(target.to_string());
+        }
         if let Some(io) = inner.downcast_ref::<std::io::Error>() {
             kind = io.kind();
             break;
@@ -217,8 +298,9 @@ fn prepare(req: &mut Request<Incoming>, target: &str, upgrade: bool) -> Result<(
     let authority: http::uri::Authority = target
         .parse()
         .map_err(|_| ForwardError::NoTarget("the destination is not a valid authority"))?;
-    // HTTP/1 peers need a Host header; keep the one the client sent.
-    if req.version() != Version::HTTP_2 && !req.headers().contains_key(header::HOST) {
+    // HTTP/1 peers need a Host header: an absolute-form target's authority replaces the one
+    // the client sent (RFC 9112 §3.2.2), else the client's is kept.
+    if req.version() != Version::HTTP_2 {
         if let Some(a) = req
             .uri()
             .authority()
@@ -241,12 +323,11 @@ fn prepare(req: &mut Request<Incoming>, target: &str, upgrade: bool) -> Result<(
 }
 
 /// Connection-specific headers that are never forwarded (constants: no parsing per request).
-const HOP_BY_HOP: [HeaderName; 5] = [
+const HOP_BY_HOP: [HeaderName; 4] = [
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
-    header::TRANSFER_ENCODING,
 ];
 
 /// RFC 9110 §7.6.1: connection-specific headers don't cross the proxy, except the ones an
@@ -266,6 +347,20 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
     for name in HOP_BY_HOP {
         headers.remove(name);
+    }
+    // hyper frames the body again: a bare `chunked` goes (it adds its own), but codings before
+    // it (`gzip, chunked`) are the message's and must reach the peer, with chunked last, which
+    // hyper then keeps as the framing.
+    let other_codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .any(|c| {
+            let c = c.trim_ascii();
+            !c.is_empty() && !c.eq_ignore_ascii_case(b"chunked")
+        });
+    if !other_codings {
+        headers.remove(header::TRANSFER_ENCODING);
     }
     let trailers_only = headers
         .get(header::TE)

@@ -24,7 +24,8 @@ use tokio::sync::watch;
 
 use crate::forward::ForwardError;
 use crate::http::Conn;
-use crate::metrics::Direction;
+use crate::metrics::{Direction, Timeout};
+use crate::rules::{self, Refusal};
 use crate::trace::span::{Injected, RequestInfo};
 use crate::trace::RequestSpan;
 
@@ -40,6 +41,8 @@ const READ_CHUNK: usize = 16 * 1024;
 /// What a connection starts with: enough for typical heads (a sidecar holds many idle
 /// connections, so buffers grow to [`READ_CHUNK`] only when a body needs it).
 const FIRST_BUF: usize = 4 * 1024;
+/// How long a closing connection reads and discards what the client still sends.
+const LINGER: Duration = Duration::from_secs(2);
 /// Idle pooled app connections older than this are closed rather than reused.
 const POOL_IDLE: Duration = Duration::from_secs(90);
 /// Idle app connections kept per destination.
@@ -138,12 +141,24 @@ pub async fn serve(
     let mut inbuf = BytesMut::with_capacity(FIRST_BUF);
     let mut up: Option<Upstream> = None;
     let pool = &conn.shared.upstream.idle;
+    let limits = &conn.shared.limits;
+    let metrics = conn
+        .shared
+        .telemetry
+        .metrics
+        .direction(conn.shared.direction);
     // Per-connection scratch, reused by every request: the rewritten heads and the propagation
     // headers.
     let mut out = Vec::with_capacity(FIRST_BUF / 4);
     let mut injected = Injected::default();
+    // The first request's head must come within the head timeout of the connection's start; a
+    // later one may be awaited for the idle timeout, then has the head timeout from its first
+    // byte (nginx's client_header_timeout and keepalive_timeout).
+    let mut first = true;
     let outcome = loop {
         // 1. A complete request head, routed, its span started and its head rewritten for the app.
+        let waiting_since = Instant::now();
+        let mut deadline = None;
         let prepared = loop {
             if !inbuf.is_empty() {
                 match prepare(conn, &inbuf, &mut out, &mut injected) {
@@ -154,26 +169,54 @@ pub async fn serve(
             } else if *shutdown.borrow() {
                 break Prepared::Closed;
             }
+            let (limit, kind) = match (first, inbuf.is_empty()) {
+                (false, true) => (limits.idle_timeout, Timeout::Idle),
+                _ => (limits.request_head_timeout, Timeout::RequestHead),
+            };
+            let until = *deadline.get_or_insert_with(|| {
+                tokio::time::Instant::from_std(if first { waiting_since } else { Instant::now() })
+                    + limit
+            });
             if inbuf.capacity() - inbuf.len() < FIRST_BUF / 4 {
                 inbuf.reserve(READ_CHUNK);
             }
+            let was_empty = inbuf.is_empty();
             let read = tokio::select! {
                 biased;
                 r = client.read_buf(&mut inbuf) => r,
                 _ = shutdown.changed(), if inbuf.is_empty() => Ok(0),
+                _ = tokio::time::sleep_until(until) => {
+                    metrics.timeout(kind);
+                    break Prepared::TimedOut;
+                }
             };
             match read {
                 Ok(0) | Err(_) if inbuf.is_empty() => break Prepared::Closed,
                 Ok(0) | Err(_) => break Prepared::Fallback,
+                // A later request's first byte: its head timeout starts now.
+                Ok(_) if was_empty && !first => deadline = None,
                 Ok(_) => {}
             }
+            first = false;
         };
+        first = false;
         let head = match prepared {
             Prepared::Forward(h) => h,
             Prepared::Closed => break Outcome::Done,
+            Prepared::TimedOut if inbuf.is_empty() => break Outcome::Done,
+            Prepared::TimedOut => {
+                let _ = write_local(
+                    client,
+                    StatusCode::REQUEST_TIMEOUT,
+                    "tracecar: the request head did not arrive in time\n",
+                    false,
+                )
+                .await;
+                break Outcome::Done;
+            }
             Prepared::Fallback | Prepared::Partial => break Outcome::Fallback(inbuf),
-            Prepared::Local(status, message) => {
-                let _ = write_local(client, status, message).await;
+            Prepared::Local(status, message, head_request) => {
+                let _ = write_local(client, status, message, head_request).await;
                 // The request's body, if any, was never read: the connection cannot go on.
                 break Outcome::Done;
             }
@@ -192,7 +235,7 @@ pub async fn serve(
         u.release(pool);
     }
     if matches!(outcome, Outcome::Done) {
-        let _ = client.shutdown().await;
+        let _ = tokio::time::timeout(LINGER, client.shutdown()).await;
         linger(client).await;
     }
     outcome
@@ -202,7 +245,6 @@ pub async fn serve(
 /// nobody will read), for a bounded time: closing a socket with unread input sends a reset, and
 /// the reset can destroy the response the client has not read yet.
 async fn linger(client: &mut TcpStream) {
-    const LINGER: Duration = Duration::from_secs(2);
     const MAX_DISCARD: usize = 4 << 20;
     let mut scratch = [0u8; 4096];
     let mut discarded = 0;
@@ -225,10 +267,13 @@ enum Prepared {
     Partial,
     /// Not for this path (see the module comment).
     Fallback,
-    /// Answered by the proxy itself: the status and a message.
-    Local(StatusCode, &'static str),
+    /// Answered by the proxy itself: the status, a message, and whether it answers a HEAD
+    /// (no body then).
+    Local(StatusCode, &'static str, bool),
     /// The client closed (or shutdown came) between requests.
     Closed,
+    /// No complete head in time (request head or idle timeout).
+    TimedOut,
 }
 
 /// Headers that describe the connection, not the message (RFC 9110 §7.6.1). `te` is kept when it
@@ -257,11 +302,15 @@ fn content_length_value(v: &[u8]) -> Option<u64> {
 
 /// Splits a request target into (authority of an absolute-form URI, origin-form path+query).
 fn split_target(raw: &str) -> (Option<&str>, &str) {
-    let rest = if raw.len() > 7 && raw[..7].eq_ignore_ascii_case("http://") {
-        &raw[7..]
-    } else if raw.len() > 8 && raw[..8].eq_ignore_ascii_case("https://") {
-        &raw[8..]
-    } else {
+    // `get` rather than slicing: the target comes from the client, and a byte offset inside a
+    // multi-byte character would panic.
+    let strip = |scheme: &str| {
+        raw.get(..scheme.len())
+            .filter(|p| p.eq_ignore_ascii_case(scheme))
+            .and_then(|_| raw.get(scheme.len()..))
+            .filter(|rest| !rest.is_empty())
+    };
+    let Some(rest) = strip("http://").or_else(|| strip("https://")) else {
         return (None, raw);
     };
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
@@ -305,41 +354,48 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
     if method == Method::CONNECT {
         return Prepared::Fallback;
     }
+    #[cfg(test)]
+    if raw_target == tests::PANIC_PATH {
+        panic!("forced by a test");
+    }
+    let head_request = method == Method::HEAD;
+    let refuse = |r: Refusal| {
+        shared.count_refusal(r);
+        Prepared::Local(r.status, r.message, head_request)
+    };
+    let outbound = shared.direction == Direction::Outbound;
     let mut framing = Framing::None;
     let mut client_close = false;
+    let mut hosts = 0;
     let mut host = None;
     let mut user_agent = None;
     let mut listed = false;
+    let mut coded = false;
     let mut content_length: Option<u64> = None;
     for h in req.headers.iter() {
         let name = h.name;
         // Only the few headers read here need their value as text; the framing ones must be.
         let text = || std::str::from_utf8(h.value).ok();
         if name.eq_ignore_ascii_case("host") {
-            let Some(value) = text() else {
-                return Prepared::Fallback;
-            };
-            if host.is_some() {
-                return Prepared::Fallback;
+            if let Err(r) = rules::check_host(hosts, h.value) {
+                return refuse(r);
             }
-            host = Some(value.trim());
+            hosts += 1;
+            // (ASCII, checked above.)
+            host = text().map(str::trim);
         } else if name.eq_ignore_ascii_case("user-agent") {
             user_agent = text();
         } else if name.eq_ignore_ascii_case("content-length") {
             // Digits only: `+5` or `5, 5` would let the app frame the body differently.
             let Some(n) = content_length_value(h.value) else {
-                return Prepared::Fallback;
+                return refuse(rules::BAD_LENGTH);
             };
             if content_length.is_some_and(|c| c != n) {
-                return Prepared::Fallback;
+                return refuse(rules::BAD_LENGTH);
             }
             content_length = Some(n);
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            if framing == Framing::Chunked || !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked")
-            {
-                return Prepared::Fallback;
-            }
-            framing = Framing::Chunked;
+            coded = true;
         } else if name.eq_ignore_ascii_case("connection") {
             let Some(value) = text() else {
                 return Prepared::Fallback;
@@ -355,27 +411,43 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
             }
         } else if name.eq_ignore_ascii_case("upgrade") || name.eq_ignore_ascii_case("expect") {
             return Prepared::Fallback;
+        } else if outbound && name.eq_ignore_ascii_case("via") && shared.hop.seen_in(h.value) {
+            return refuse(rules::LOOP);
         }
     }
-    match (framing, content_length) {
-        (Framing::Chunked, Some(_)) => return Prepared::Fallback,
-        (Framing::None, Some(n)) if n > 0 => framing = Framing::Length(n),
-        _ => {}
+    // RFC 9112 §6.1, §6.3: the codings must end in chunked; next to a length, the coding frames
+    // the body, the length is not passed on and the connection closes after the exchange (as
+    // hyper does), so no byte of it can be read as another request.
+    let drop_length = coded && content_length.is_some();
+    if coded {
+        let codings = req
+            .headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+            .map(|h| h.value);
+        if let Err(r) = rules::request_codings(codings) {
+            return refuse(r);
+        }
+        framing = Framing::Chunked;
+        client_close |= drop_length;
+    } else if let Some(n) = content_length.filter(|n| *n > 0) {
+        framing = Framing::Length(n);
     }
     // Headers named in `Connection` are rare; hyper strips them.
     if listed {
         return Prepared::Fallback;
     }
     let (uri_authority, path_and_query) = split_target(raw_target);
+    if let Some(Err(r)) = uri_authority.map(|a| rules::check_authority(a.as_bytes())) {
+        return refuse(r);
+    }
     // Forward-proxy routing: absolute-form URI, else Host.
     let routed: Option<(&str, u16)> = match &conn.target {
         Some(_) => None,
-        None if shared.direction == Direction::Outbound => {
-            match shared.route(uri_authority.or(host)) {
-                Ok(r) => Some(r),
-                Err(r) => return Prepared::Local(r.status, r.message),
-            }
-        }
+        None if outbound => match shared.route(uri_authority.or(host)) {
+            Ok(r) => Some(r),
+            Err(r) => return Prepared::Local(r.status, r.message, head_request),
+        },
         None => None,
     };
     let info = RequestInfo {
@@ -389,7 +461,7 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
         server_address: routed.map(|(h, _)| h),
         server_port: routed.map(|(_, p)| p),
         client_address: conn.peer_ip.as_deref(),
-        host,
+        host: uri_authority.or(host),
         user_agent,
     };
     injected.0.clear();
@@ -409,7 +481,11 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
             let e = ForwardError::NoTarget(crate::http::NO_TARGET);
             span.set_status(StatusCode::BAD_GATEWAY);
             span.fail(e.error_type(), e.to_string());
-            return Prepared::Local(StatusCode::BAD_GATEWAY, crate::http::NO_TARGET_MESSAGE);
+            return Prepared::Local(
+                StatusCode::BAD_GATEWAY,
+                crate::http::NO_TARGET_MESSAGE,
+                head_request,
+            );
         }
     };
     // The head for the app: origin-form target, connection headers dropped, propagation
@@ -422,19 +498,28 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
     }
     out.extend_from_slice(path_and_query.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    if host.is_none() {
+    // RFC 9112 §3.2.2: an absolute-form target's authority replaces any Host the client sent.
+    if let Some(authority) = uri_authority.or(host.is_none().then_some(&*target)) {
         out.extend_from_slice(b"host: ");
-        out.extend_from_slice(uri_authority.unwrap_or(&target).as_bytes());
+        out.extend_from_slice(authority.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     for h in req.headers.iter() {
-        if hop_by_hop(h.name)
-            || injected.replaces(h.name)
-            || (h.name.eq_ignore_ascii_case("te") && !h.value.eq_ignore_ascii_case(b"trailers"))
+        let name = h.name;
+        if hop_by_hop(name)
+            || injected.replaces(name)
+            || (name.eq_ignore_ascii_case("te") && !h.value.eq_ignore_ascii_case(b"trailers"))
+            || (uri_authority.is_some() && name.eq_ignore_ascii_case("host"))
+            || (drop_length && name.eq_ignore_ascii_case("content-length"))
+            // Our own mark on a request that came back in through the app is not passed on
+            // (the app may forward headers, and the request is not a loop).
+            || (!outbound
+                && name.eq_ignore_ascii_case("via")
+                && h.value == shared.hop.value().as_bytes())
         {
             continue;
         }
-        out.extend_from_slice(h.name.as_bytes());
+        out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(h.value);
         out.extend_from_slice(b"\r\n");
@@ -445,12 +530,17 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
         out.extend_from_slice(v.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    if outbound {
+        out.extend_from_slice(b"via: ");
+        out.extend_from_slice(shared.hop.value().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(b"\r\n");
     Prepared::Forward(RequestHead {
         head_len,
         framing,
         client_close,
-        head_request: method == Method::HEAD,
+        head_request,
         idempotent: matches!(
             method,
             Method::GET
@@ -463,6 +553,20 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
         target,
         span,
     })
+}
+
+/// Why an exchange stopped before the response head was in.
+enum Failure {
+    /// The request body is malformed (chunked framing): the client gets 400.
+    Malformed,
+    /// Reading from the client failed or it closed mid-body.
+    Client,
+    /// A body went silent for the stream idle timeout.
+    StreamIdle,
+    /// The app did not start its response within the response head timeout: 504.
+    ResponseTimeout,
+    /// The app connection failed.
+    App(io::Error),
 }
 
 /// Forwards one request and its response. `Ok(true)`: the client connection can carry another
@@ -486,9 +590,18 @@ async fn exchange(
         mut span,
         ..
     } = head;
+    let limits = &conn.shared.limits;
+    let metrics = conn
+        .shared
+        .telemetry
+        .metrics
+        .direction(conn.shared.direction);
     // The body bytes already read go out with the head, in one write.
     let mut body = BodyState::new(framing);
-    let taken = body.scan(inbuf).map_err(|_| ())?;
+    let Ok(taken) = body.scan(inbuf) else {
+        refuse_body(conn, client, span).await;
+        return Ok(false);
+    };
     out.extend_from_slice(&inbuf[..taken]);
     inbuf.advance(taken);
     let replayable = body.done();
@@ -512,35 +625,36 @@ async fn exchange(
             match connect(conn, pool, &target, attempt > 1).await {
                 Ok(u) => *up = Some(u),
                 Err(e) => {
-                    bad_gateway(client, span, e).await;
+                    fail_local(conn, client, span, e, head_request).await;
                     return Ok(replayable && !client_close);
                 }
             }
         }
         let Some(u) = up.as_mut() else { return Err(()) };
         let sent = async {
-            u.stream.write_all(out).await?;
+            timed(limits.stream_idle_timeout, u.stream.write_all(out))
+                .await
+                .map_err(|e| match e {
+                    Some(e) => Failure::App(e),
+                    None => Failure::StreamIdle,
+                })?;
             if !body.done() {
-                // Full duplex, as an app may answer before reading the whole body: stop sending
-                // the body as soon as a response starts (or the app closes).
-                let (mut from_app, mut to_app) = u.stream.split();
-                let mut probe = [0u8; 1];
-                tokio::select! {
-                    biased;
-                    copied = copy_body(client, inbuf, &mut to_app, &mut body) => copied?,
-                    answered = from_app.peek(&mut probe) => {
-                        answered?;
-                        early = true;
-                    }
-                }
+                early = upload(client, inbuf, u, &mut body, limits.stream_idle_timeout).await?;
             }
             // Once the response head is in, `out` holds the client's version of it.
-            read_response_head(u, client, head_request, client_close || early, out).await
+            let read = read_response_head(u, client, head_request, client_close || early, out);
+            match limits.response_head_timeout {
+                Some(limit) => match tokio::time::timeout(limit, read).await {
+                    Ok(r) => r.map_err(Failure::App),
+                    Err(_) => Err(Failure::ResponseTimeout),
+                },
+                None => read.await.map_err(Failure::App),
+            }
         }
         .await;
         match sent {
             Ok(h) => break h,
-            Err(e) => {
+            Err(Failure::App(e)) => {
                 // The app closed a reused connection just as the request went out (a race the
                 // idle check cannot see): send it again on a new one, if it is safe to repeat and
                 // nothing of a response came back.
@@ -558,8 +672,31 @@ async fn exchange(
                     target: target.to_string(),
                     message: e.to_string(),
                 };
-                bad_gateway(client, span, e).await;
+                fail_local(conn, client, span, e, head_request).await;
                 return Ok(body.done() && !client_close);
+            }
+            Err(Failure::ResponseTimeout) => {
+                *up = None;
+                metrics.timeout(Timeout::ResponseHead);
+                let e = ForwardError::ResponseTimeout(target.to_string());
+                fail_local(conn, client, span, e, head_request).await;
+                return Ok(body.done() && !client_close && !early);
+            }
+            Err(Failure::Malformed) => {
+                *up = None;
+                refuse_body(conn, client, span).await;
+                return Ok(false);
+            }
+            Err(Failure::StreamIdle) => {
+                *up = None;
+                metrics.timeout(Timeout::StreamIdle);
+                span.fail("stream_idle_timeout", "a request body went silent".into());
+                return Err(());
+            }
+            Err(Failure::Client) => {
+                *up = None;
+                span.fail("client_error", "the client went away mid-request".into());
+                return Err(());
             }
         }
     };
@@ -582,11 +719,25 @@ async fn exchange(
     };
     out.extend_from_slice(&u.buf[..taken]);
     u.buf.advance(taken);
-    if client.write_all(out).await.is_err() {
+    if timed(limits.stream_idle_timeout, client.write_all(out))
+        .await
+        .is_err()
+    {
         return Err(());
     }
     if !rbody.done() {
-        if let Err(e) = copy_body(&mut u.stream, &mut u.buf, client, &mut rbody).await {
+        let copied = copy_body(
+            &mut u.stream,
+            &mut u.buf,
+            client,
+            &mut rbody,
+            limits.stream_idle_timeout,
+        )
+        .await;
+        if let Err(e) = copied {
+            if e.kind() == io::ErrorKind::TimedOut {
+                metrics.timeout(Timeout::StreamIdle);
+            }
             if resp_framing != Framing::Close || e.kind() != io::ErrorKind::UnexpectedEof {
                 span.fail("response_body_error", e.to_string());
                 return Err(());
@@ -600,6 +751,141 @@ async fn exchange(
         *up = None;
     }
     Ok(!close_client)
+}
+
+/// `fut` within `limit`: `Err(None)` when it ran out.
+async fn timed<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = io::Result<T>>,
+) -> Result<T, Option<io::Error>> {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(r) => r.map_err(Some),
+        Err(_) => Err(None),
+    }
+}
+
+/// Sends the rest of the request body to the app while watching the app's side: informational
+/// (1xx) responses go to the client as they come and the upload goes on (`103 Early Hints`, an
+/// unasked `100 Continue`); anything else is an early answer, and the upload stops. Returns
+/// whether the app answered early.
+async fn upload(
+    client: &mut TcpStream,
+    inbuf: &mut BytesMut,
+    u: &mut Upstream,
+    body: &mut BodyState,
+    idle: Duration,
+) -> Result<bool, Failure> {
+    let Upstream { stream, buf, .. } = u;
+    let (mut from_app, mut to_app) = stream.split();
+    // Bytes at the front of `inbuf` that belong to the body and are not sent yet.
+    let mut pending = 0;
+    loop {
+        if pending == 0 {
+            if body.done() {
+                return Ok(false);
+            }
+            if !inbuf.is_empty() {
+                pending = body.scan(inbuf).map_err(|_| Failure::Malformed)?;
+                continue;
+            }
+            if inbuf.capacity() < READ_CHUNK {
+                inbuf.reserve(READ_CHUNK);
+            }
+        }
+        if buf.capacity() - buf.len() < FIRST_BUF / 4 {
+            buf.reserve(FIRST_BUF);
+        }
+        // Each of these is cancel-safe: a branch that loses the race has moved no byte.
+        let from_app_read = if pending > 0 {
+            tokio::select! {
+                biased;
+                r = from_app.read_buf(buf) => r,
+                r = to_app.write(&inbuf[..pending]) => {
+                    let n = r.map_err(Failure::App)?;
+                    if n == 0 {
+                        return Err(Failure::App(io::ErrorKind::WriteZero.into()));
+                    }
+                    inbuf.advance(n);
+                    pending -= n;
+                    continue;
+                }
+                _ = tokio::time::sleep(idle) => return Err(Failure::StreamIdle),
+            }
+        } else {
+            tokio::select! {
+                biased;
+                r = from_app.read_buf(buf) => r,
+                r = client.read_buf(inbuf) => {
+                    if !matches!(r, Ok(n) if n > 0) {
+                        return Err(Failure::Client);
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep(idle) => return Err(Failure::StreamIdle),
+            }
+        };
+        match from_app_read {
+            Ok(0) => {
+                return Err(Failure::App(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the app closed the connection before responding",
+                )))
+            }
+            Err(e) => return Err(Failure::App(e)),
+            Ok(_) => {}
+        }
+        loop {
+            match informational(buf) {
+                Informational::Wait => break,
+                Informational::Final => return Ok(true),
+                Informational::Complete(n) => {
+                    timed(idle, client.write_all(&buf[..n]))
+                        .await
+                        .map_err(|_| Failure::Client)?;
+                    buf.advance(n);
+                }
+            }
+        }
+    }
+}
+
+/// What the app has sent so far while the request body is still going out.
+enum Informational {
+    /// Nothing yet, or the start of what may be a 1xx.
+    Wait,
+    /// A complete 1xx head of this many bytes.
+    Complete(usize),
+    /// The start of a final response (or something malformed): the app answered early.
+    Final,
+}
+
+fn informational(buf: &[u8]) -> Informational {
+    if buf.is_empty() {
+        return Informational::Wait;
+    }
+    let is_1xx = |code: Option<u16>| code.is_some_and(|c| (100..200).contains(&c) && c != 101);
+    parse_response(buf, |parsed, resp| match parsed {
+        Ok(httparse::Status::Complete(n)) if is_1xx(resp.code) => Informational::Complete(n),
+        Ok(httparse::Status::Partial) if resp.code.is_none() || is_1xx(resp.code) => {
+            Informational::Wait
+        }
+        _ => Informational::Final,
+    })
+}
+
+/// A malformed request body: the client gets 400 and the connection closes (the app
+/// connection, which may hold part of the request, is not reused).
+async fn refuse_body(conn: &Conn, client: &mut TcpStream, mut span: RequestSpan) {
+    conn.shared.count_refusal(rules::BAD_CHUNKED);
+    span.set_status(StatusCode::BAD_REQUEST);
+    drop(span);
+    let _ = write_local(
+        client,
+        StatusCode::BAD_REQUEST,
+        rules::BAD_CHUNKED.message,
+        false,
+    )
+    .await;
 }
 
 /// An app connection to `target`: a live idle one from the pool unless `fresh`, else a new one.
@@ -621,6 +907,9 @@ async fn connect(
         });
     }
     let stream = crate::forward::connect_tcp(target, conn.shared.connect_timeout).await?;
+    if conn.shared.own.check(&stream) {
+        return Err(ForwardError::Loop(target.to_string()));
+    }
     Ok(Upstream {
         target: target.clone(),
         stream,
@@ -848,17 +1137,34 @@ fn itoa3(code: u16) -> [u8; 3] {
     ]
 }
 
-/// A response made by the proxy itself (502, 400, 508).
-/// The app could not be reached or failed mid-exchange: the span says why, the client gets 502.
-async fn bad_gateway(client: &mut TcpStream, mut span: RequestSpan, e: ForwardError) {
-    span.set_status(StatusCode::BAD_GATEWAY);
+/// The app could not be reached, did not answer in time or failed mid-exchange: the span says
+/// why, the client gets 502, 504 or (a loop) 508.
+async fn fail_local(
+    conn: &Conn,
+    client: &mut TcpStream,
+    mut span: RequestSpan,
+    e: ForwardError,
+    head_request: bool,
+) {
+    let status = e.status();
+    if status == StatusCode::LOOP_DETECTED {
+        conn.shared.count_refusal(rules::LOOP);
+    }
+    span.set_status(status);
     span.fail(e.error_type(), e.to_string());
     drop(span);
     let message = format!("tracecar: {e}\n");
-    let _ = write_local(client, StatusCode::BAD_GATEWAY, &message).await;
+    let _ = write_local(client, status, &message, head_request).await;
 }
 
-async fn write_local(client: &mut TcpStream, status: StatusCode, message: &str) -> io::Result<()> {
+/// A response made by the proxy itself (502, 400, 508, ...). An answer to HEAD has the length
+/// of the body it would have had, and no body (RFC 9110 §9.3.2): the connection stays in step.
+async fn write_local(
+    client: &mut TcpStream,
+    status: StatusCode,
+    message: &str,
+    head_request: bool,
+) -> io::Result<()> {
     let head = format!(
         "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\nx-tracecar-error: 1\r\ncontent-length: {}\r\n\r\n",
         status.as_str(),
@@ -866,23 +1172,32 @@ async fn write_local(client: &mut TcpStream, status: StatusCode, message: &str) 
         message.len()
     );
     let mut out = head.into_bytes();
-    out.extend_from_slice(message.as_bytes());
-    client.write_all(&out).await
+    if !head_request {
+        out.extend_from_slice(message.as_bytes());
+    }
+    match tokio::time::timeout(LINGER, client.write_all(&out)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::ErrorKind::TimedOut.into()),
+    }
 }
 
-/// Copies the rest of a body from `from` to `to`, through `buf`, until `state` says it ended.
+/// Copies the rest of a body from `from` to `to`, through `buf`, until `state` says it ended;
+/// a read or write that waits longer than `idle` ends it with `TimedOut`.
 async fn copy_body(
     from: &mut (impl tokio::io::AsyncRead + Unpin),
     buf: &mut BytesMut,
     to: &mut (impl tokio::io::AsyncWrite + Unpin),
     state: &mut BodyState,
+    idle: Duration,
 ) -> io::Result<()> {
+    let timed_out = |_| io::Error::from(io::ErrorKind::TimedOut);
     while !state.done() {
         if buf.is_empty() {
             if buf.capacity() < READ_CHUNK {
                 buf.reserve(READ_CHUNK);
             }
-            if from.read_buf(buf).await? == 0 {
+            let read = tokio::time::timeout(idle, from.read_buf(buf)).await;
+            if read.map_err(timed_out)?? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the peer closed the connection in the middle of a body",
@@ -892,7 +1207,9 @@ async fn copy_body(
         let n = state
             .scan(buf)
             .map_err(|_| invalid("malformed chunked body"))?;
-        to.write_all(&buf[..n]).await?;
+        tokio::time::timeout(idle, to.write_all(&buf[..n]))
+            .await
+            .map_err(timed_out)??;
         buf.advance(n);
     }
     Ok(())
@@ -919,7 +1236,8 @@ enum Chunk {
     DataCr,
     DataLf,
     TrailerStart,
-    Trailer,
+    TrailerName,
+    TrailerValue,
     TrailerLf,
     EndLf,
 }
@@ -980,11 +1298,13 @@ impl BodyState {
                             b'\r' => Chunk::SizeLf(n),
                             _ => return Err(()),
                         },
-                        // A bare LF would end the line for a lenient app but not for us.
+                        // Extensions are copied through, but only visible characters, spaces
+                        // and tabs (RFC 9112 §7.1.1): a bare LF or another control byte could
+                        // end the line for a lenient app and not for us.
                         Chunk::Ext(n) => match b {
                             b'\r' => Chunk::SizeLf(n),
-                            b'\n' => return Err(()),
-                            _ => Chunk::Ext(n),
+                            b if field_byte(b) => Chunk::Ext(n),
+                            _ => return Err(()),
                         },
                         Chunk::SizeLf(n) => match (b, n) {
                             (b'\n', 0) => Chunk::TrailerStart,
@@ -1006,11 +1326,14 @@ impl BodyState {
                             n: 0,
                             digits: false,
                         },
+                        // Trailer fields: `name: value` lines (RFC 9112 §7.1.2, §5).
                         Chunk::TrailerStart if b == b'\r' => Chunk::EndLf,
-                        Chunk::TrailerStart | Chunk::Trailer if b != b'\r' && b != b'\n' => {
-                            Chunk::Trailer
+                        Chunk::TrailerStart | Chunk::TrailerName if rules::is_tchar(b) => {
+                            Chunk::TrailerName
                         }
-                        Chunk::Trailer if b == b'\r' => Chunk::TrailerLf,
+                        Chunk::TrailerName if b == b':' => Chunk::TrailerValue,
+                        Chunk::TrailerValue if b == b'\r' => Chunk::TrailerLf,
+                        Chunk::TrailerValue if field_byte(b) => Chunk::TrailerValue,
                         Chunk::TrailerLf if b == b'\n' => Chunk::TrailerStart,
                         Chunk::EndLf if b == b'\n' => {
                             *self = BodyState::Done;
@@ -1026,9 +1349,18 @@ impl BodyState {
     }
 }
 
+/// A byte allowed in a field value or chunk extension: visible ASCII, space, tab, obs-text.
+fn field_byte(b: u8) -> bool {
+    b == b'\t' || b == b' ' || b.is_ascii_graphic() || b >= 0x80
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request for this target panics inside the proxy (test builds only), to show that a
+    /// panic ends one connection and no other.
+    pub const PANIC_PATH: &str = "/__tracecar_test_panic";
 
     /// Feeds `input` to a chunked scanner in pieces of `step` bytes; returns how many bytes
     /// belonged to the body, or None when it was refused.
@@ -1048,7 +1380,7 @@ mod tests {
 
     #[test]
     fn chunked_scanner_finds_the_end_however_the_bytes_arrive() {
-        let body = b"3;ext=1\r\nabc\r\n10 ; x\r\n0123456789abcdef\r\n0\r\nx-trailer: t\r\n\r\n";
+        let body = b"3;ext=1\r\nabc\r\n10 ; x\r\n0123456789abcdef\r\n2;n=\"q\\\"v\"\r\nab\r\n0\r\nx-trailer: t\r\n\r\n";
         let mut input = body.to_vec();
         input.extend_from_slice(b"GET /next HTTP/1.1\r\n");
         for step in 1..=input.len() {
@@ -1059,14 +1391,18 @@ mod tests {
     #[test]
     fn chunked_scanner_refuses_what_could_be_read_two_ways() {
         for bad in [
-            &b"3;x\nabc\r\n0\r\n\r\n"[..], // bare LF ends the extension
-            b"3\nabc\r\n0\r\n\r\n",        // bare LF after the size
-            b"3 x\r\nabc\r\n0\r\n\r\n",    // junk after the size
-            b"g\r\n",                      // not hex
-            b"3\r\nabcX\r\n",              // data longer than the size
-            b"0\r\nx-t: 1\n\r\n",          // bare LF in a trailer
-            b"fffffffffffffffff\r\n",      // overflows u64
-            b"\r\n",                       // no size at all
+            &b"3;x\nabc\r\n0\r\n\r\n"[..],   // bare LF ends the extension
+            b"3\nabc\r\n0\r\n\r\n",          // bare LF after the size
+            b"3 x\r\nabc\r\n0\r\n\r\n",      // junk after the size
+            b"g\r\n",                        // not hex
+            b"3\r\nabcX\r\n",                // data longer than the size
+            b"0\r\nx-t: 1\n\r\n",            // bare LF in a trailer
+            b"3;a\x01b\r\nabc\r\n0\r\n\r\n", // control byte in an extension
+            b"0\r\nno colon\r\n\r\n",        // trailer without a name
+            b"0\r\n: v\r\n\r\n",             // trailer with an empty name
+            b"0\r\nx-t: a\x00b\r\n\r\n",     // NUL in a trailer
+            b"fffffffffffffffff\r\n",        // overflows u64
+            b"\r\n",                         // no size at all
         ] {
             assert_eq!(
                 scan_in_steps(bad, bad.len()),

@@ -17,11 +17,13 @@ pub mod detect;
 pub mod forward;
 pub mod h1;
 pub mod http;
+pub mod idle;
 pub mod init;
 pub mod listen;
 pub mod metrics;
 pub mod orig_dst;
 pub mod proxy;
+pub mod rules;
 pub mod trace;
 pub mod wait_ready;
 

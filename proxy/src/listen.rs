@@ -2,6 +2,7 @@
 //! configuration), detect the protocol, then serve HTTP with spans or pass bytes through.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,10 @@ pub struct ListenerConfig {
     pub drain_timeout: Duration,
 }
 
+/// How long a spliced (opaque or TLS) connection may go without a byte either way, as Envoy's
+/// TCP proxy `idle_timeout`: long, since database and other pooled connections idle for minutes.
+const SPLICE_IDLE: Duration = Duration::from_secs(3600);
+
 /// Accepts until `shutdown` flips, then waits up to the drain timeout for open requests.
 pub async fn run(
     listener: TcpListener,
@@ -32,25 +37,69 @@ pub async fn run(
 ) {
     let graceful = GracefulShutdown::new();
     let own_addr = listener.local_addr().ok();
+    let metrics = shared.telemetry.metrics.clone();
+    let direction = shared.direction;
+    // One log line when accepting starts failing or shedding, one when it recovers: the log
+    // must not grow with the load that causes it.
+    let mut accept_failing = false;
+    let mut shedding = false;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    if accept_failing {
+                        accept_failing = false;
+                        tracing::info!(direction = direction.as_str(), "accepting again");
+                    }
+                    let Some(slot) = ConnSlot::take(&shared) else {
+                        // At the limit: close at once (the peer sees the connection end) rather
+                        // than hold it unserved.
+                        metrics.direction(direction).shed.inc();
+                        if !shedding {
+                            shedding = true;
+                            tracing::warn!(
+                                direction = direction.as_str(),
+                                limit = shared.limits.max_connections,
+                                "connection limit reached: new connections are closed (TRACECAR_MAX_CONNECTIONS)"
+                            );
+                        }
+                        drop(stream);
+                        continue;
+                    };
+                    if shedding {
+                        shedding = false;
+                        tracing::info!(direction = direction.as_str(), "below the connection limit again");
+                    }
                     let _ = stream.set_nodelay(true);
                     let shared = shared.clone();
                     let cfg = cfg.clone();
                     let watcher = graceful.watcher();
                     let stop = shutdown.clone();
                     tokio::spawn(async move {
-                        let gauge = shared.telemetry.metrics.direction(shared.direction).open_connections.clone();
-                        gauge.inc();
-                        handle(stream, peer, own_addr, shared, cfg, watcher, stop).await;
-                        gauge.dec();
+                        let _slot = slot;
+                        let served = std::panic::AssertUnwindSafe(
+                            handle(stream, peer, own_addr, shared.clone(), cfg, watcher, stop),
+                        );
+                        // A bug that panics ends this connection only (its task and sockets);
+                        // the others, and the process, go on.
+                        if let Err(panic) = futures_util::FutureExt::catch_unwind(served).await {
+                            shared.telemetry.metrics.direction(shared.direction).panics.inc();
+                            tracing::error!(
+                                direction = shared.direction.as_str(),
+                                panic = panic_message(&*panic),
+                                "panic while serving a connection; the connection was closed"
+                            );
+                        }
                     });
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
+                    // Out of file descriptors and the like: back off instead of spinning; the
+                    // connections already open go on, and so does accepting once fds free up.
+                    metrics.direction(direction).accept_errors.inc();
+                    if !accept_failing {
+                        accept_failing = true;
+                        tracing::warn!(direction = direction.as_str(), error = %e, "accept failed; retrying every 50 ms");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -66,6 +115,52 @@ pub async fn run(
             direction = shared.direction.as_str(),
             "drain timeout passed with requests still open"
         );
+    }
+}
+
+/// A panic's message, when it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+/// One of a listener's `TRACECAR_MAX_CONNECTIONS` places, held while the connection is open
+/// (and given back by its drop, whatever ends the connection, a panic included).
+struct ConnSlot {
+    open: Arc<AtomicUsize>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl ConnSlot {
+    fn take(shared: &Shared) -> Option<ConnSlot> {
+        let max = shared.limits.max_connections;
+        shared
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        let gauge = shared
+            .telemetry
+            .metrics
+            .direction(shared.direction)
+            .open_connections
+            .clone();
+        gauge.inc();
+        Some(ConnSlot {
+            open: shared.open.clone(),
+            gauge,
+        })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::AcqRel);
+        self.gauge.dec();
     }
 }
 
@@ -137,8 +232,8 @@ async fn splice(
     connect_timeout: std::time::Duration,
 ) {
     match crate::forward::connect_tcp(&dst.to_string(), connect_timeout).await {
-        Ok(mut upstream) => {
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        Ok(upstream) => {
+            let _ = crate::idle::splice(&mut client, upstream, SPLICE_IDLE).await;
         }
         Err(e) => {
             if let Some(span) = span.as_mut() {

@@ -50,6 +50,27 @@ struct ProtocolLabels {
     protocol: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TimeoutLabels {
+    direction: &'static str,
+    kind: &'static str,
+}
+
+/// Which wait on a peer ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timeout {
+    /// The client took too long to send a request head.
+    RequestHead = 0,
+    /// A client connection sat idle between requests.
+    Idle = 1,
+    /// The app took too long to start its response.
+    ResponseHead = 2,
+    /// A body or tunnel went silent.
+    StreamIdle = 3,
+}
+
+const TIMEOUT_KINDS: [&str; 4] = ["request_head", "idle", "response_head", "stream_idle"];
+
 /// Status classes a response is counted under; `error` means no response (upstream failure).
 const CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"];
 
@@ -61,9 +82,22 @@ pub struct DirectionMetrics {
     pub open_connections: Gauge,
     pub open_requests: Gauge,
     pub malformed: Counter,
+    /// Connections closed at once because the listener was at `TRACECAR_MAX_CONNECTIONS`.
+    pub shed: Counter,
+    /// `accept` failures (out of file descriptors and the like).
+    pub accept_errors: Counter,
+    /// Requests answered 508 because they would come back to this proxy.
+    pub loops: Counter,
+    /// Connections ended by a panic while serving them (a bug; the others go on).
+    pub panics: Counter,
+    timeouts: [Counter; 4],
 }
 
 impl DirectionMetrics {
+    pub fn timeout(&self, kind: Timeout) {
+        self.timeouts[kind as usize].inc();
+    }
+
     /// Counts a finished request; `status` is `None` when no response came from upstream.
     pub fn record(&self, status: Option<u16>, elapsed: Duration) {
         let i = match status {
@@ -104,7 +138,40 @@ impl Metrics {
         let open = Family::<DirectionLabels, Gauge>::default();
         let in_flight = Family::<DirectionLabels, Gauge>::default();
         let malformed = Family::<DirectionLabels, Counter>::default();
+        let shed = Family::<DirectionLabels, Counter>::default();
+        let accept_errors = Family::<DirectionLabels, Counter>::default();
+        let loops = Family::<DirectionLabels, Counter>::default();
+        let panics = Family::<DirectionLabels, Counter>::default();
+        let timeouts = Family::<TimeoutLabels, Counter>::default();
         let direction = |d: Direction| DirectionMetrics {
+            shed: shed
+                .get_or_create(&DirectionLabels {
+                    direction: d.as_str(),
+                })
+                .clone(),
+            accept_errors: accept_errors
+                .get_or_create(&DirectionLabels {
+                    direction: d.as_str(),
+                })
+                .clone(),
+            loops: loops
+                .get_or_create(&DirectionLabels {
+                    direction: d.as_str(),
+                })
+                .clone(),
+            panics: panics
+                .get_or_create(&DirectionLabels {
+                    direction: d.as_str(),
+                })
+                .clone(),
+            timeouts: TIMEOUT_KINDS.map(|kind| {
+                timeouts
+                    .get_or_create(&TimeoutLabels {
+                        direction: d.as_str(),
+                        kind,
+                    })
+                    .clone()
+            }),
             by_class: CLASSES.map(|c| {
                 requests
                     .get_or_create(&RequestLabels {
@@ -158,8 +225,33 @@ impl Metrics {
         );
         registry.register(
             "malformed_requests",
-            "Requests rejected with 400 because they could not be parsed",
+            "Requests refused (400, 431) because they are malformed or ambiguous",
             malformed,
+        );
+        registry.register(
+            "connections_shed",
+            "Connections closed at once because the listener was at its connection limit",
+            shed,
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts (such as running out of file descriptors)",
+            accept_errors,
+        );
+        registry.register(
+            "loops_detected",
+            "Requests answered 508 because they would come back to this proxy",
+            loops,
+        );
+        registry.register(
+            "connection_panics",
+            "Connections ended by a panic while serving them",
+            panics,
+        );
+        registry.register(
+            "timeouts",
+            "Waits on a peer that ran out, by kind",
+            timeouts,
         );
         let spans_started = Counter::default();
         let spans_exported = Counter::default();

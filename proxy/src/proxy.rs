@@ -16,6 +16,7 @@ use crate::forward::Upstream;
 use crate::http::Shared;
 use crate::listen::{self, ListenerConfig};
 use crate::metrics::{Direction, Metrics};
+use crate::rules::{HopMarker, OwnPorts};
 use crate::trace::{Sink, Telemetry};
 
 /// A started proxy. Dropping it without [`Proxy::shutdown`] aborts its tasks.
@@ -186,10 +187,16 @@ impl Proxy {
                 per_worker[i].push((listener, direction));
             }
         }
+        // Neither listener may forward to either listener (a loop), however the address is
+        // spelled; every request sent out carries this proxy's `Via` mark.
+        let own = OwnPorts([Some(inbound_addr.port()), Some(outbound_addr.port())]);
+        let hop = HopMarker::new();
+        let open_in: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
+        let open_out: Arc<std::sync::atomic::AtomicUsize> = Arc::default();
         let mut per_worker = per_worker.into_iter().map(|listeners| {
             // Each worker its own app connections: a pooled connection stays on the runtime
             // whose reactor drives it.
-            let upstream = Upstream::new(limits.connect_timeout);
+            let upstream = Upstream::with_limits(&limits, own);
             listeners
                 .into_iter()
                 .map(|(listener, direction)| {
@@ -202,6 +209,12 @@ impl Proxy {
                         listen_port: match direction {
                             Direction::Inbound => inbound_addr.port(),
                             Direction::Outbound => outbound_addr.port(),
+                        },
+                        own,
+                        hop: hop.clone(),
+                        open: match direction {
+                            Direction::Inbound => open_in.clone(),
+                            Direction::Outbound => open_out.clone(),
                         },
                     });
                     (listener, shared)
