@@ -285,9 +285,14 @@ async fn malformed_requests_get_400_are_counted_and_harm_nothing() {
             .unwrap_or(0.0)
             >= 1.0
     );
+    // The loop is counted as a loop, not as malformed.
     assert_eq!(
         proxy.metric(r#"tracecar_malformed_requests_total{direction="outbound"}"#),
-        Some(2.0)
+        Some(1.0)
+    );
+    assert_eq!(
+        proxy.metric(r#"tracecar_loops_detected_total{direction="outbound"}"#),
+        Some(1.0)
     );
     assert_eq!(
         get(&format!("http://{}/ok", proxy.inbound), &[]).await.0,
