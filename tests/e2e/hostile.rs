@@ -128,10 +128,12 @@ enum Step {
     OpenConnectionsSettle,
     /// The series in /metrics reaches at least this value within 3 s.
     MetricAtLeast(&'static str, f64),
-    /// A span for this `url.path` arrives with `error.type` set.
+    /// The listener's span (SERVER inbound, CLIENT outbound) for this `url.path` arrives with
+    /// `error.type` set.
     SpanError(&'static str),
-    /// `n` idle connections are accepted, the next one is closed at once without a byte; once
-    /// the `n` are closed, a new connection is served.
+    /// `n` idle connections are accepted, the next one is closed at once without a byte; then
+    /// the `n` are closed (the liveness check that ends every case shows a new connection is
+    /// served again).
     ConnectionCap(usize),
     /// Every connection the app has is closed by the proxy within 3 s.
     AppClosed,
@@ -857,9 +859,15 @@ impl Run<'_> {
                 }
             }
             Step::SpanError(path) => {
+                let kind = match self.case.on {
+                    Listener::Inbound => "SERVER",
+                    Listener::Outbound => "CLIENT",
+                };
                 let found = |s: &[RecvSpan]| {
                     s.iter().any(|s| {
-                        s.attr_str("url.path") == Some(path) && s.attr_str("error.type").is_some()
+                        s.kind == kind
+                            && s.attr_str("url.path") == Some(path)
+                            && s.attr_str("error.type").is_some()
                     })
                 };
                 let spans = self.sink.wait_until(found, Duration::from_secs(5)).await;
