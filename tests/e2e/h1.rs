@@ -2,19 +2,16 @@
 //! scripted over raw TCP on the other, the real proxy binary between them. Each test checks
 //! exactly what crosses each wire, and the spans the OTLP sink receives.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::AsyncWriteExt;
 use tracecar_tests::app::App;
+use tracecar_tests::raw::{lossy, FakeApp, Peer};
 use tracecar_tests::sink::{RecvSpan, Sink};
 use tracecar_tests::{base_env, free_port, raw_exchange, ProxyProcess};
 
 const WAIT: Duration = Duration::from_secs(10);
-/// The longest any single read may wait: a missing byte fails the test instead of hanging it.
-const IO: Duration = Duration::from_secs(5);
 
 fn env(sink: &Sink, target: &str) -> Vec<(String, String)> {
     let mut e = base_env(&sink.endpoint());
@@ -23,201 +20,6 @@ fn env(sink: &Sink, target: &str) -> Vec<(String, String)> {
     // connection from one client connection to the next.
     e.push(("TRACECAR_WORKER_THREADS".into(), "1".into()));
     e
-}
-
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// One end of a raw TCP conversation, with what was read but not consumed yet.
-struct Peer {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-/// A response as a client reads it: status line, headers in order, body (by content-length).
-struct Resp {
-    status_line: String,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl std::fmt::Debug for Resp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Resp")
-            .field("status_line", &self.status_line)
-            .field("headers", &self.headers)
-            .field("body", &lossy(&self.body))
-            .finish()
-    }
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-impl Peer {
-    async fn connect(addr: SocketAddr) -> Peer {
-        let s = tokio::time::timeout(IO, TcpStream::connect(addr))
-            .await
-            .expect("connect in time")
-            .expect("connect");
-        s.set_nodelay(true).expect("nodelay");
-        Peer { s, buf: Vec::new() }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        tokio::time::timeout(IO, self.s.write_all(bytes))
-            .await
-            .expect("write in time")
-            .expect("write");
-    }
-
-    /// Writes each piece on its own. The pause lets each piece arrive as a separate read on the
-    /// far side; nothing signals that the proxy has read a piece, so there is nothing to wait on.
-    async fn send_split(&mut self, pieces: &[&[u8]]) {
-        for piece in pieces {
-            self.send(piece).await;
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
-    }
-
-    /// One read into the buffer; 0 when the other side closed (a reset counts as closed).
-    async fn fill(&mut self) -> usize {
-        self.buf.reserve(64 * 1024);
-        match tokio::time::timeout(IO, self.s.read_buf(&mut self.buf)).await {
-            Ok(Ok(n)) => n,
-            Ok(Err(_)) => 0,
-            Err(_) => panic!(
-                "nothing arrived within {IO:?}; unconsumed: {:?}",
-                lossy(&self.buf)
-            ),
-        }
-    }
-
-    /// The next head (through the blank line); `None` if the peer closed before sending a byte.
-    async fn try_head(&mut self) -> Option<String> {
-        loop {
-            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head: Vec<u8> = self.buf.drain(..i + 4).collect();
-                return Some(lossy(&head));
-            }
-            if self.fill().await == 0 {
-                assert!(
-                    self.buf.is_empty(),
-                    "closed in the middle of a head: {:?}",
-                    lossy(&self.buf)
-                );
-                return None;
-            }
-        }
-    }
-
-    async fn head(&mut self) -> String {
-        self.try_head().await.expect("a head before the close")
-    }
-
-    async fn exact(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            if self.fill().await == 0 {
-                panic!(
-                    "closed after {} of {n} bytes: {:?}",
-                    self.buf.len(),
-                    lossy(&self.buf)
-                );
-            }
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    /// Reads exactly `expected.len()` bytes and checks they are `expected`.
-    async fn expect(&mut self, expected: &[u8]) {
-        let got = self.exact(expected.len()).await;
-        assert_eq!(lossy(&got), lossy(expected));
-    }
-
-    /// The other side closed, with nothing more sent.
-    async fn expect_eof(&mut self) {
-        assert!(self.buf.is_empty(), "unread: {:?}", lossy(&self.buf));
-        let n = self.fill().await;
-        assert_eq!(n, 0, "expected a close, got {:?}", lossy(&self.buf));
-    }
-
-    /// A response whose body, if any, has a content-length; `None` if the peer closed first.
-    async fn try_response(&mut self) -> Option<Resp> {
-        let head = self.try_head().await?;
-        let mut lines = head.trim_end_matches("\r\n").split("\r\n");
-        let status_line = lines.next().unwrap_or_default().to_string();
-        let headers: Vec<(String, String)> = lines
-            .map(|l| {
-                let (n, v) = l.split_once(':').expect("header line");
-                (n.to_string(), v.trim().to_string())
-            })
-            .collect();
-        let mut resp = Resp {
-            status_line,
-            headers,
-            body: Vec::new(),
-        };
-        if let Some(n) = resp.header("content-length") {
-            let n: usize = n.parse().expect("content-length");
-            resp.body = self.exact(n).await;
-        }
-        Some(resp)
-    }
-
-    async fn response(&mut self) -> Resp {
-        self.try_response()
-            .await
-            .expect("a response before the close")
-    }
-}
-
-/// An app scripted by the test over raw TCP.
-struct FakeApp {
-    listener: TcpListener,
-    addr: SocketAddr,
-    /// Connections accepted so far.
-    accepted: usize,
-}
-
-impl FakeApp {
-    async fn start() -> FakeApp {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
-        let addr = listener.local_addr().expect("app addr");
-        FakeApp {
-            listener,
-            addr,
-            accepted: 0,
-        }
-    }
-
-    async fn accept(&mut self) -> Peer {
-        let (s, _) = tokio::time::timeout(IO, self.listener.accept())
-            .await
-            .expect("the proxy connects to the app in time")
-            .expect("accept");
-        self.accepted += 1;
-        Peer { s, buf: Vec::new() }
-    }
-
-    /// The next request head, on `conn` while it stays open, else on the next connection.
-    async fn next_head(&mut self, conn: &mut Option<Peer>) -> String {
-        loop {
-            if conn.is_none() {
-                *conn = Some(self.accept().await);
-            }
-            match conn.as_mut().expect("a connection").try_head().await {
-                Some(head) => return head,
-                None => *conn = None,
-            }
-        }
-    }
 }
 
 /// A request head as the app got it, split into the head without the propagation headers the

@@ -4,10 +4,12 @@
 //! - [`sink`]: the OTLP receiver (gRPC and http/protobuf, optional TLS).
 //! - [`app`]: an uninstrumented upstream app with echo, status, streaming, upgrade and
 //!   call-out routes.
+//! - [`raw`]: raw TCP on both sides: a byte-exact client and scripted, recording raw apps.
 //! - [`ProxyProcess`]: the proxy binary with its environment, stopped with SIGTERM.
 
 pub mod app;
 pub mod certs;
+pub mod raw;
 pub mod sink;
 
 use std::net::{SocketAddr, TcpListener};
