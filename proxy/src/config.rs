@@ -369,6 +369,8 @@ fn count(var: &'static str, flag: &'static str, v: &str) -> Result<usize, Config
 
 /// A name or address that means this host (loopback or unspecified).
 pub fn is_local_host(host: &str) -> bool {
+    // A fully qualified name may end in a dot: `localhost.` is localhost.
+    let host = host.strip_suffix('.').unwrap_or(host);
     host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()

@@ -35,6 +35,9 @@ pub enum ForwardError {
     Loop(String),
     #[error("{0} did not start its response in time")]
     ResponseTimeout(String),
+    /// Reading the request body from the client failed: malformed (`true`) or cut short.
+    #[error("the request body could not be read: {1}")]
+    ClientBody(bool, String),
 }
 
 impl ForwardError {
@@ -48,6 +51,8 @@ impl ForwardError {
             ForwardError::NoTarget(_) => "no_destination",
             ForwardError::Loop(_) => "loop_detected",
             ForwardError::ResponseTimeout(_) => "response_timeout",
+            ForwardError::ClientBody(true, _) => "malformed_request",
+            ForwardError::ClientBody(false, _) => "client_error",
         }
     }
 
@@ -56,6 +61,7 @@ impl ForwardError {
         match self {
             ForwardError::Loop(_) => StatusCode::LOOP_DETECTED,
             ForwardError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ForwardError::ClientBody(..) => StatusCode::BAD_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -244,6 +250,26 @@ pub fn local_response(status: StatusCode, message: impl Into<Bytes>) -> Response
 }
 
 fn classify(target: &str, e: &hyper_util::client::legacy::Error) -> ForwardError {
+    // The request body hyper was sending failed: that is the client's body (malformed chunked
+    // framing, or the client went away), not the app.
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        if inner
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+        {
+            let malformed = std::iter::successors(inner.source(), |e| e.source()).any(|e| {
+                e.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                    matches!(
+                        io.kind(),
+                        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
+                    )
+                }) || e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse)
+            });
+            return ForwardError::ClientBody(malformed, error_chain(e));
+        }
+        source = inner.source();
+    }
     if !e.is_connect() {
         return ForwardError::Upstream {
             target: target.to_string(),
@@ -278,9 +304,15 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// An upgrade the peer may take (WebSocket and the like). `h2c` is not passed on: the proxy
+/// speaks HTTP/1.1 to the peer, and an h2c upgrade could not be followed (Envoy drops it too).
 fn wants_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get(header::UPGRADE).is_some_and(|u| {
+            !u.as_bytes()
+                .split(|b| *b == b',')
+                .all(|p| p.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+        })
         && connection_has(req.headers(), "upgrade")
 }
 

@@ -34,8 +34,8 @@ const MAX_HEADERS: usize = 64;
 /// Response heads are parsed again with room for this many when they have more than
 /// [`MAX_HEADERS`] (long `set-cookie` lists); there is no hyper fallback for a response.
 const MAX_RESPONSE_HEADERS: usize = 1024;
-/// A head still incomplete after this many bytes goes to hyper, which refuses it.
-const MAX_HEAD: usize = 64 * 1024;
+/// A head larger than this goes to hyper, which refuses it (431).
+pub const MAX_HEAD: usize = 64 * 1024;
 /// The least free space offered to each read.
 const READ_CHUNK: usize = 16 * 1024;
 /// What a connection starts with: enough for typical heads (a sidecar holds many idle
@@ -318,6 +318,14 @@ fn split_target(raw: &str) -> (Option<&str>, &str) {
     (Some(&rest[..end]), &rest[end..])
 }
 
+/// True when `h` is the first `content-length` field of `headers`.
+fn first_length(headers: &[httparse::Header<'_>], h: &httparse::Header<'_>) -> bool {
+    headers
+        .iter()
+        .find(|x| x.name.eq_ignore_ascii_case("content-length"))
+        .is_some_and(|x| std::ptr::eq(x, h))
+}
+
 /// The request's headers as the propagators read them.
 struct RawHeaders<'a>(&'a [httparse::Header<'a>]);
 
@@ -341,7 +349,17 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Complete(n)) if n <= MAX_HEAD => n,
+        Ok(httparse::Status::Complete(_)) => {
+            // As hyper answers: 414 for a target too long for a URI, 431 for the rest.
+            let r = if req.path.map_or(0, str::len) >= usize::from(u16::MAX) - 1 {
+                rules::URI_TOO_LONG
+            } else {
+                rules::TOO_LARGE
+            };
+            shared.count_refusal(r);
+            return Prepared::Local(r.status, r.message, false);
+        }
         Ok(httparse::Status::Partial) => return Prepared::Partial,
         Err(_) => return Prepared::Fallback,
     };
@@ -510,7 +528,8 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
             || injected.replaces(name)
             || (name.eq_ignore_ascii_case("te") && !h.value.eq_ignore_ascii_case(b"trailers"))
             || (uri_authority.is_some() && name.eq_ignore_ascii_case("host"))
-            || (drop_length && name.eq_ignore_ascii_case("content-length"))
+            // One content-length: repeated equal ones are one length (RFC 9110 §8.6).
+            || (name.eq_ignore_ascii_case("content-length") && (drop_length || !first_length(req.headers, h)))
             // Our own mark on a request that came back in through the app is not passed on
             // (the app may forward headers, and the request is not a loop).
             || (!outbound

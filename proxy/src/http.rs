@@ -104,7 +104,9 @@ async fn serve_hyper(conn: Arc<Conn>, stream: Rewind, watcher: Watcher) {
         .keep_alive(true)
         .half_close(true)
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.request_head_timeout);
+        .header_read_timeout(limits.request_head_timeout)
+        // The lean path's head limit: a larger head gets 431 (hyper's minimum is 8 KiB).
+        .max_buf_size(crate::h1::MAX_HEAD + 1024);
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -288,8 +290,17 @@ impl Conn {
                 None => self.forward_or_answer(req).await,
             };
         }
-        // The request rules the lean path applies (see `rules`), on hyper's parsed head.
-        let refusal = {
+        // The request rules the lean path applies (see `rules`), on hyper's parsed head. (hyper
+        // refuses a head larger than its buffer only when it arrives in pieces.)
+        let head_size: usize = req.uri().to_string().len()
+            + req
+                .headers()
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        let refusal = if head_size > crate::h1::MAX_HEAD {
+            Err(rules::TOO_LARGE)
+        } else {
             let mut hosts = req.headers().get_all(http::header::HOST).iter();
             let mut checked = Ok(());
             for (seen, value) in hosts.by_ref().enumerate() {
@@ -303,6 +314,17 @@ impl Conn {
                     None => Ok(()),
                 })
                 .and_then(|()| if looped { Err(rules::LOOP) } else { Ok(()) })
+                .and_then(|()| {
+                    let mut codings = req
+                        .headers()
+                        .get_all(http::header::TRANSFER_ENCODING)
+                        .iter()
+                        .peekable();
+                    match codings.peek() {
+                        None => Ok(()),
+                        Some(_) => rules::request_codings(codings.map(|v| v.as_bytes())).map(drop),
+                    }
+                })
         };
         if let Err(r) = refusal {
             shared.count_refusal(r);
@@ -382,6 +404,7 @@ impl Conn {
                 let status = e.status();
                 match &e {
                     ForwardError::Loop(_) => shared.count_refusal(rules::LOOP),
+                    ForwardError::ClientBody(true, _) => shared.count_refusal(rules::BAD_CHUNKED),
                     ForwardError::ResponseTimeout(_) => shared
                         .telemetry
                         .metrics

@@ -31,6 +31,14 @@ pub const BAD_CODING: Refusal =
     Refusal::bad("tracecar: Transfer-Encoding must be a list of codings ending in chunked\n");
 pub const BAD_LENGTH: Refusal = Refusal::bad("tracecar: invalid or conflicting Content-Length\n");
 pub const BAD_CHUNKED: Refusal = Refusal::bad("tracecar: malformed chunked request body\n");
+pub const TOO_LARGE: Refusal = Refusal {
+    status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+    message: "tracecar: request head too large\n",
+};
+pub const URI_TOO_LONG: Refusal = Refusal {
+    status: StatusCode::URI_TOO_LONG,
+    message: "tracecar: request target too long\n",
+};
 pub const LOOP: Refusal = Refusal {
     status: StatusCode::LOOP_DETECTED,
     message: "tracecar: the request would come back to this proxy\n",

@@ -82,7 +82,21 @@ pub fn base_env(sink_endpoint: &str) -> Vec<(String, String)> {
 
 impl ProxyProcess {
     /// Starts the proxy with `env` (on top of loopback listener addresses) and waits for /ready.
+    /// A free port can be taken by another test between `free_port` and the proxy's bind: then
+    /// it starts again on other ports.
     pub fn spawn(env: &[(String, String)]) -> ProxyProcess {
+        for _ in 0..4 {
+            let mut p = Self::spawn_once(env);
+            match p.try_wait_ready(Duration::from_secs(10)) {
+                Ok(()) => return p,
+                Err(e) if e.contains("Address already in use") => continue,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("no free ports for the proxy after 4 tries");
+    }
+
+    fn spawn_once(env: &[(String, String)]) -> ProxyProcess {
         let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let outbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -121,25 +135,24 @@ impl ProxyProcess {
             stderr_path,
             stdout_path,
         };
-        p.wait_ready(Duration::from_secs(10));
         p
     }
 
-    fn wait_ready(&mut self, timeout: Duration) {
+    fn try_wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
         let start = Instant::now();
         while start.elapsed() < timeout {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("proxy exited early ({status}): {}", self.stderr());
+                return Err(format!("proxy exited early ({status}): {}", self.stderr()));
             }
             if http_get_blocking(self.admin, "/ready")
                 .map(|(s, _)| s == 200)
                 .unwrap_or(false)
             {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(30));
         }
-        panic!("proxy not ready after {timeout:?}: {}", self.stderr());
+        Err(format!("proxy not ready after {timeout:?}: {}", self.stderr()))
     }
 
     pub fn pid(&self) -> u32 {
