@@ -1374,7 +1374,7 @@ fn field_byte(b: u8) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A request for this target panics inside the proxy (test builds only), to show that a

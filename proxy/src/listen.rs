@@ -43,6 +43,10 @@ pub async fn run(
     // must not grow with the load that causes it.
     let mut accept_failing = false;
     let mut shedding = false;
+    // A descriptor held in reserve: when accepting fails for want of descriptors, it is closed
+    // so that one waiting connection can be accepted and closed at once (the client learns at
+    // once instead of hanging in the backlog), then taken again.
+    let mut spare = std::fs::File::open("/dev/null").ok();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -93,12 +97,23 @@ pub async fn run(
                     });
                 }
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning; the
-                    // connections already open go on, and so does accepting once fds free up.
+                    // Out of file descriptors and the like: shed what waits, back off instead of
+                    // spinning; the connections already open go on, and so does accepting once
+                    // descriptors free up.
                     metrics.direction(direction).accept_errors.inc();
                     if !accept_failing {
                         accept_failing = true;
-                        tracing::warn!(direction = direction.as_str(), error = %e, "accept failed; retrying every 50 ms");
+                        tracing::warn!(direction = direction.as_str(), error = %e, "accept failed; shedding new connections until it works again");
+                    }
+                    let out_of_files = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    if out_of_files && spare.take().is_some() {
+                        let waiting =
+                            tokio::time::timeout(Duration::from_millis(1), listener.accept());
+                        if let Ok(Ok((stream, _))) = waiting.await {
+                            metrics.direction(direction).shed.inc();
+                            drop(stream);
+                        }
+                        spare = std::fs::File::open("/dev/null").ok();
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }

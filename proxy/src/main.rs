@@ -73,6 +73,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            raise_file_limit();
             rt.block_on(async move {
                 let proxy = match Proxy::start(config, Sink::FromConfig).await {
                     Ok(p) => p,
@@ -124,6 +125,24 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Raises the soft limit on open files to the hard limit, as nginx's `worker_rlimit_nofile` and
+/// Go's runtime do: every proxied connection costs two descriptors, and the soft limit many
+/// images start with (1024) is far below what the pod is allowed.
+fn raise_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    tracing::debug!(max_files = limit.rlim_cur, raised, "open file limit");
 }
 
 async fn wait_for_signal() {

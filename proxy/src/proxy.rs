@@ -298,3 +298,104 @@ impl Proxy {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    fn config(flags: &[&str]) -> Config {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: crate::RunArgs,
+        }
+        let argv = std::iter::once("tracecar-proxy").chain(flags.iter().copied());
+        <Cli as clap::Parser>::parse_from(argv)
+            .run
+            .into_config()
+            .expect("test flags are valid")
+    }
+
+    /// An app that answers every request head with `200 ok`, keep-alive.
+    async fn app() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut chunk).await {
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            buf.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if s.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Sends one request and reads one `200 ok` response (or what came before the close).
+    async fn exchange(s: &mut TcpStream, path: &str) -> String {
+        let req = format!("GET {path} HTTP/1.1\r\nhost: app\r\n\r\n");
+        if s.write_all(req.as_bytes()).await.is_err() {
+            return String::new();
+        }
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let read = async {
+            while !got.ends_with(b"\r\n\r\nok") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), read).await;
+        String::from_utf8_lossy(&got).into_owned()
+    }
+
+    /// A panic while serving one connection (forced: the lean path panics on a test-only
+    /// target) ends that connection only: a connection open beside it and new ones are served,
+    /// and the panic is counted.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_panic_ends_its_connection_and_no_other() {
+        let app = app().await;
+        let target = app.to_string();
+        let cfg = config(&[
+            "--inbound-listen=127.0.0.1:0",
+            "--outbound-listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            "--inbound-target",
+            &target,
+            "--traces-exporter=none",
+            "--worker-threads=1",
+        ]);
+        let proxy = Proxy::start(cfg, Sink::FromConfig).await.unwrap();
+        let mut beside = TcpStream::connect(proxy.inbound_addr).await.unwrap();
+        assert!(exchange(&mut beside, "/before").await.ends_with("ok"));
+
+        let mut victim = TcpStream::connect(proxy.inbound_addr).await.unwrap();
+        let answer = exchange(&mut victim, crate::h1::tests::PANIC_PATH).await;
+        assert_eq!(answer, "", "the panicking connection is closed without an answer");
+
+        assert!(exchange(&mut beside, "/after").await.ends_with("ok"));
+        let mut fresh = TcpStream::connect(proxy.inbound_addr).await.unwrap();
+        assert!(exchange(&mut fresh, "/fresh").await.ends_with("ok"));
+        assert_eq!(proxy.metrics.inbound.panics.get(), 1);
+        // Its connection place was given back.
+        assert_eq!(proxy.metrics.inbound.open_connections.get(), 2);
+        proxy.shutdown().await;
+    }
+}

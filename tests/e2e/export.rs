@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Full};
 use tracecar_tests::app::{get, App};
 use tracecar_tests::certs::{mtls_server_config, Ca, KeyKind, Pair, SecretDir};
 use tracecar_tests::sink::Sink;
-use tracecar_tests::{base_env, ProxyProcess};
+use tracecar_tests::{base_env, wait_until, ProxyProcess};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -73,17 +73,6 @@ fn ok_path(sink: &Sink, path: &str) -> bool {
     sink.spans()
         .iter()
         .any(|s| s.attr_str("url.path") == Some(path))
-}
-
-async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    f()
 }
 
 /// A sink in its own runtime, so that stopping it closes every connection it holds (dropping a

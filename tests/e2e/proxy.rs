@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tracecar_tests::app::{get, App};
 use tracecar_tests::sink::{RecvSpan, Sink};
-use tracecar_tests::{base_env, raw_exchange, ProxyProcess};
+use tracecar_tests::{base_env, raw_exchange, wait_until, ProxyProcess};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -717,4 +717,95 @@ async fn several_workers_share_the_listeners() {
     assert_eq!(slow.await.unwrap(), 200, "the in-flight request finished");
     let spans = sink.wait_for(41, WAIT).await;
     assert_eq!(spans.iter().filter(|s| s.kind == "SERVER").count(), 41);
+}
+
+/// Reads until a response head has arrived (or 5 s passed, or the peer closed).
+async fn answer(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        while !String::from_utf8_lossy(&got).contains("\r\n\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// With its file descriptors used up by idle clients, the proxy keeps serving the connections it
+/// has, says so once in its log, counts the failed accepts, and serves new connections again
+/// once the idle ones go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_sheds_and_recovers() {
+    let sink = Sink::start().await;
+    let app = App::start().await;
+    let mut e = env(&sink, &app, &[]);
+    e.push(("TRACECAR_WORKER_THREADS".into(), "1".into()));
+    let proxy = ProxyProcess::spawn_limited(&e, Some(64));
+    // A keep-alive connection with its app connection already open.
+    let mut kept = tokio::net::TcpStream::connect(proxy.inbound).await.unwrap();
+    let ask = |path: &str| format!("GET {path} HTTP/1.1\r\nhost: app\r\n\r\n");
+    use tokio::io::AsyncWriteExt;
+    kept.write_all(ask("/ok").as_bytes()).await.unwrap();
+    assert!(answer(&mut kept).await.starts_with("HTTP/1.1 200"));
+
+    // Idle clients until accepting fails: the proxy sheds what it cannot accept (the client
+    // sees its connection end at once rather than hang).
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(proxy.inbound).await.unwrap());
+    }
+    let mut probe = tokio::net::TcpStream::connect(proxy.inbound).await.unwrap();
+    let _ = probe.write_all(ask("/ok").as_bytes()).await;
+    let asked = std::time::Instant::now();
+    let shed = answer(&mut probe).await;
+    assert_eq!(shed, "", "a connection beyond the descriptors is closed unanswered");
+    // (answer waits up to 5 s for a connection left hanging)
+    assert!(
+        asked.elapsed() < Duration::from_secs(4),
+        "closed at once, not left in the backlog: {:?}",
+        asked.elapsed()
+    );
+    // The connection it has is still served meanwhile.
+    kept.write_all(ask("/ok").as_bytes()).await.unwrap();
+    assert!(answer(&mut kept).await.starts_with("HTTP/1.1 200"));
+
+    drop(idle);
+    // Served again once the idle clients have gone.
+    let recovered = wait_until(WAIT, || {
+        std::net::TcpStream::connect(proxy.inbound)
+            .and_then(|mut s| {
+                use std::io::{Read, Write};
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.write_all(b"GET /ok HTTP/1.1\r\nhost: app\r\nconnection: close\r\n\r\n")?;
+                let mut got = String::new();
+                s.read_to_string(&mut got)?;
+                Ok(got.starts_with("HTTP/1.1 200"))
+            })
+            .unwrap_or(false)
+    })
+    .await;
+    assert!(recovered, "{}", proxy.stderr());
+    assert!(
+        proxy
+            .metric(r#"tracecar_accept_errors_total{direction="inbound"}"#)
+            .unwrap_or(0.0)
+            >= 1.0,
+        "{}",
+        proxy.metrics()
+    );
+    assert!(
+        proxy
+            .metric(r#"tracecar_connections_shed_total{direction="inbound"}"#)
+            .unwrap_or(0.0)
+            >= 1.0,
+        "{}",
+        proxy.metrics()
+    );
+    let warnings = proxy.stderr().matches("accept failed").count();
+    assert_eq!(warnings, 1, "one log line per episode: {}", proxy.stderr());
 }

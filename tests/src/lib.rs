@@ -48,6 +48,18 @@ pub fn proxy_bin() -> PathBuf {
     built_bin("debug", "tracecar-proxy")
 }
 
+/// Polls `f` every 50 ms until it holds or `timeout` passes; whether it held.
+pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    f()
+}
+
 /// A free loopback port (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -85,8 +97,13 @@ impl ProxyProcess {
     /// A free port can be taken by another test between `free_port` and the proxy's bind: then
     /// it starts again on other ports.
     pub fn spawn(env: &[(String, String)]) -> ProxyProcess {
+        Self::spawn_limited(env, None)
+    }
+
+    /// [`ProxyProcess::spawn`] with at most `max_files` open file descriptors (RLIMIT_NOFILE).
+    pub fn spawn_limited(env: &[(String, String)], max_files: Option<u64>) -> ProxyProcess {
         for _ in 0..4 {
-            let mut p = Self::spawn_once(env);
+            let mut p = Self::spawn_once(env, max_files);
             match p.try_wait_ready(Duration::from_secs(10)) {
                 Ok(()) => return p,
                 Err(e) if e.contains("Address already in use") => continue,
@@ -96,7 +113,7 @@ impl ProxyProcess {
         panic!("no free ports for the proxy after 4 tries");
     }
 
-    fn spawn_once(env: &[(String, String)]) -> ProxyProcess {
+    fn spawn_once(env: &[(String, String)], max_files: Option<u64>) -> ProxyProcess {
         let inbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let outbound: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -126,8 +143,24 @@ impl ProxyProcess {
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&stdout_path).expect("stdout file"))
             .stderr(std::fs::File::create(&stderr_path).expect("stderr file"));
+        if let Some(n) = max_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().expect("spawn tracecar-proxy");
-        let mut p = ProxyProcess {
+        let p = ProxyProcess {
             child,
             inbound,
             outbound,
