@@ -546,7 +546,12 @@ impl RunArgs {
         let positive = |var, flag, v: &str| {
             duration(var, flag, v).and_then(|d| {
                 if d.is_zero() {
-                    Err(err(var, flag, v, "a duration greater than 0, such as 10s or 500ms"))
+                    Err(err(
+                        var,
+                        flag,
+                        v,
+                        "a duration greater than 0, such as 10s or 500ms",
+                    ))
                 } else {
                     Ok(d)
                 }

@@ -25,5 +25,8 @@ pub mod proxy;
 pub mod trace;
 pub mod wait_ready;
 
+#[cfg(test)]
+mod fuzzing;
+
 pub use config::{Config, RunArgs};
 pub use proxy::Proxy;
