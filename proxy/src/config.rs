@@ -377,25 +377,56 @@ pub fn is_local_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback() || ip.is_unspecified())
 }
 
-/// Parses `10s`, `500ms`, `2m` or a bare number of seconds.
+/// A `TRACECAR_LOG` filter as `EnvFilter` gets it: each comma-separated directive trimmed,
+/// empty ones dropped. tracing-subscriber 0.3 walks a directive's trimmed text but slices the
+/// untrimmed one, so a directive with leading blanks is misread, and panics when the offset
+/// lands inside a multi-byte character (` é=x`).
+pub fn log_filter(v: &str) -> String {
+    v.split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Parses `10s`, `500ms`, `2m` or a bare number of seconds; fractions too (`1.5s`), exactly to
+/// the nanosecond (digits beyond that are dropped). `None` for anything else, and for a value
+/// too large for a `Duration`.
 pub fn parse_duration(v: &str) -> Option<Duration> {
+    const NANOS_PER_SEC: u128 = 1_000_000_000;
     let v = v.trim();
-    let (num, unit) = match v.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => (&v[..i], &v[i..]),
-        None => (v, "s"),
-    };
-    let n: f64 = num.parse().ok()?;
-    if !n.is_finite() || n < 0.0 {
-        return None;
-    }
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
+    // (`find` gives a char boundary, so the split cannot panic.)
+    let (num, unit) = v.split_at(
+        v.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(v.len()),
+    );
+    let unit_nanos: u128 = match unit {
+        "" | "s" => NANOS_PER_SEC,
+        "ms" => NANOS_PER_SEC / 1000,
+        "m" => 60 * NANOS_PER_SEC,
         _ => return None,
     };
-    // (`from_secs_f64` would panic on a value too large for a Duration.)
-    Duration::try_from_secs_f64(secs).ok()
+    let (whole, fraction) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && fraction.is_empty()) || !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    // Integer arithmetic, not `f64`: `9536927129ms` is exactly that many milliseconds, and no
+    // value is large enough to make the conversion panic.
+    let whole: u128 = match whole {
+        "" => 0,
+        w => w.parse().ok()?,
+    };
+    let mut nanos = whole.checked_mul(unit_nanos)?;
+    let mut place = unit_nanos;
+    for d in fraction.bytes() {
+        place /= 10;
+        nanos += u128::from(d - b'0') * place;
+    }
+    let secs = u64::try_from(nanos / NANOS_PER_SEC).ok()?;
+    // The remainder is below 10^9, so it fits.
+    let subsec = u32::try_from(nanos % NANOS_PER_SEC).ok()?;
+    Some(Duration::new(secs, subsec))
 }
 
 fn duration(var: &'static str, flag: &'static str, v: &str) -> Result<Duration, ConfigError> {
@@ -427,7 +458,11 @@ fn percent_decode(s: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
+            // Exactly two hex digits (`from_str_radix` alone would take `%+1` for 0x01).
             let hex = s.get(i + 1..i + 3)?;
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -506,7 +541,8 @@ impl RunArgs {
                 ))
             }
         };
-        if tracing_subscriber::EnvFilter::try_new(&self.log).is_err() {
+        let log = log_filter(&self.log);
+        if tracing_subscriber::EnvFilter::try_new(&log).is_err() {
             return Err(err(
                 "TRACECAR_LOG",
                 "log",
@@ -811,7 +847,7 @@ impl RunArgs {
             admin_listen,
             inbound_target,
             correlation,
-            log: self.log,
+            log,
             drain_timeout,
             detect_timeout,
             worker_threads,
@@ -879,7 +915,13 @@ fn otlp_endpoint(
         _ => return Err(err(var, flag, &raw, "an http:// or https:// URL")),
     }
     Ok(match protocol {
-        OtlpProtocol::HttpProtobuf if append => format!("{}/v1/traces", raw.trim_end_matches('/')),
+        OtlpProtocol::HttpProtobuf if append => {
+            // The signal path goes at the end of the path: before a query, and a fragment
+            // (meaningless in a request) is dropped. (`find` gives a char boundary.)
+            let (base, rest) = raw.split_at(raw.find(['?', '#']).unwrap_or(raw.len()));
+            let query = rest.split('#').next().unwrap_or_default();
+            format!("{}/v1/traces{query}", base.trim_end_matches('/'))
+        }
         _ => raw,
     })
 }
@@ -971,6 +1013,15 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(c.otlp.endpoint, "http://c/x");
+        // Found by fuzz_otlp_endpoint: the path was appended after a query or a fragment.
+        for (base, want) in [
+            ("http://c:4318/?k=v", "http://c:4318/v1/traces?k=v"),
+            ("http://c:4318/otlp#x", "http://c:4318/otlp/v1/traces"),
+            ("http://c?q#f", "http://c/v1/traces?q"),
+        ] {
+            let c = parse(&["--otlp-protocol", "http/protobuf", "--otlp-endpoint", base]).unwrap();
+            assert_eq!(c.otlp.endpoint, want);
+        }
     }
 
     #[test]
@@ -998,11 +1049,502 @@ mod tests {
     }
 
     #[test]
+    fn log_filters_with_blanks_are_read_as_written() {
+        // Found by fuzz_all_settings_at_once: tracing-subscriber panicked on a directive with a
+        // leading blank and a multi-byte character (it slices the untrimmed text).
+        for v in [" é=x", "info, \u{e9}\u{e9}[{a=1}]=debug", " \t\u{1F600}"] {
+            let _ = parse(&["--log", v]);
+        }
+        let c = parse(&["--log", " warn , tracecar_proxy=debug,"]).unwrap();
+        assert_eq!(c.log, "warn,tracecar_proxy=debug");
+    }
+
+    #[test]
+    fn percent_escapes_are_two_hex_digits() {
+        // Found by fuzz_parse_key_values_arbitrary: `%+1` was decoded as 0x01.
+        for bad in ["k=%+1", "k=%-1", "k=%1", "k=%", "k=%zz", "k=%\u{e9}"] {
+            assert_eq!(parse_key_values(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            parse_key_values("k=%41%c3%a9"),
+            Some(vec![("k".into(), "A\u{e9}".into())])
+        );
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("3"), Some(Duration::from_secs(3)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("x"), None);
         assert_eq!(parse_duration("-1s"), None);
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration(".5"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("0.0000000001s"), Some(Duration::ZERO));
+        for bad in ["", ".", "1.2.3s", "1e3s", "inf", "NaN", "5 s", "5sm", "5h"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+        // Too large for a Duration: refused, not a panic.
+        assert_eq!(parse_duration("18446744073709551616"), None);
+        assert_eq!(parse_duration("307445734561825861m"), None);
+        assert_eq!(parse_duration(&"9".repeat(400)), None);
+        assert_eq!(
+            parse_duration("18446744073709551615.999999999"),
+            Some(Duration::new(u64::MAX, 999_999_999))
+        );
+        // Found by fuzz_parse_duration_round_trip: milliseconds went through f64 and came back
+        // as 9536927.129000001s.
+        assert_eq!(
+            parse_duration("9536927129ms"),
+            Some(Duration::from_millis(9_536_927_129))
+        );
+    }
+
+    /// Property tests: every setting fed arbitrary and mutated values.
+    mod fuzz {
+        use super::*;
+        use crate::fuzzing::{self, mutate_str, mutations, text};
+        use clap::CommandFactory;
+        use proptest::prelude::*;
+
+        type Set = fn(&mut RunArgs, String);
+
+        /// One setting: its variable, how to set it, and values it accepts.
+        struct Field {
+            var: &'static str,
+            set: Set,
+            valid: &'static [&'static str],
+        }
+
+        macro_rules! field {
+            ($var:literal, $f:ident, [$($v:literal),*]) => {
+                Field { var: $var, set: |a, v| a.$f = v.into(), valid: &[$($v),*] }
+            };
+        }
+
+        /// Every setting of `run`; `every_setting_is_fuzzed` keeps the list complete.
+        fn fields() -> Vec<Field> {
+            vec![
+                field!(
+                    "TRACECAR_INBOUND_LISTEN",
+                    inbound_listen,
+                    ["0.0.0.0:15143", "[::]:80"]
+                ),
+                field!(
+                    "TRACECAR_OUTBOUND_LISTEN",
+                    outbound_listen,
+                    ["127.0.0.1:15140"]
+                ),
+                field!("TRACECAR_ADMIN_LISTEN", admin_listen, ["[::1]:15190"]),
+                field!(
+                    "TRACECAR_INBOUND_TARGET",
+                    inbound_target,
+                    ["127.0.0.1:8080", "app:80"]
+                ),
+                field!("TRACECAR_CORRELATION", correlation, ["off", "inflight"]),
+                field!("TRACECAR_LOG", log, ["info", "tracecar_proxy=debug,warn"]),
+                field!(
+                    "TRACECAR_DRAIN_TIMEOUT",
+                    drain_timeout,
+                    ["10s", "500ms", "2m", "1.5"]
+                ),
+                field!("TRACECAR_DETECT_TIMEOUT", detect_timeout, ["1s"]),
+                field!("TRACECAR_WORKER_THREADS", worker_threads, ["auto", "2"]),
+                field!(
+                    "TRACECAR_REQUEST_HEAD_TIMEOUT",
+                    request_head_timeout,
+                    ["60s"]
+                ),
+                field!("TRACECAR_IDLE_TIMEOUT", idle_timeout, ["75s"]),
+                field!(
+                    "TRACECAR_RESPONSE_HEAD_TIMEOUT",
+                    response_head_timeout,
+                    ["0", "60s"]
+                ),
+                field!("TRACECAR_STREAM_IDLE_TIMEOUT", stream_idle_timeout, ["5m"]),
+                field!("TRACECAR_CONNECT_TIMEOUT", connect_timeout, ["250ms"]),
+                field!("TRACECAR_MAX_CONNECTIONS", max_connections, ["10000"]),
+                field!("TRACECAR_HTTP1_LEAN", http1_lean, ["true", "false"]),
+                field!("TRACECAR_TRACE_PROBES", trace_probes, ["true", "false"]),
+                field!("OTEL_SERVICE_NAME", service_name, ["checkout"]),
+                field!(
+                    "OTEL_RESOURCE_ATTRIBUTES",
+                    resource_attributes,
+                    ["a=b,team=x%2Cy"]
+                ),
+                field!(
+                    "OTEL_TRACES_EXPORTER",
+                    traces_exporter,
+                    ["otlp", "console", "none"]
+                ),
+                field!(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    otlp_endpoint,
+                    ["https://c:4317"]
+                ),
+                field!(
+                    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                    otlp_traces_endpoint,
+                    ["http://c:4318/v1/traces"]
+                ),
+                field!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL",
+                    otlp_protocol,
+                    ["grpc", "http/protobuf"]
+                ),
+                field!(
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    otlp_headers,
+                    ["api-key=s%3Dcret"]
+                ),
+                field!("OTEL_EXPORTER_OTLP_TIMEOUT", otlp_timeout, ["10000"]),
+                field!("OTEL_EXPORTER_OTLP_CERTIFICATE", otlp_certificate, [""]),
+                field!(
+                    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                    otlp_client_certificate,
+                    [""]
+                ),
+                field!("OTEL_EXPORTER_OTLP_CLIENT_KEY", otlp_client_key, [""]),
+                field!(
+                    "TRACECAR_EXPORT_TLS_SERVER_NAME",
+                    export_tls_server_name,
+                    ["c.svc"]
+                ),
+                field!(
+                    "TRACECAR_EXPORT_REQUIRED",
+                    export_required,
+                    ["true", "false"]
+                ),
+                field!(
+                    "OTEL_TRACES_SAMPLER",
+                    sampler,
+                    ["always_on", "parentbased_traceidratio", "always_off"]
+                ),
+                field!("OTEL_TRACES_SAMPLER_ARG", sampler_arg, ["0.25", "1"]),
+                field!(
+                    "OTEL_PROPAGATORS",
+                    propagators,
+                    ["tracecontext,baggage,b3,jaeger", "none"]
+                ),
+                field!("OTEL_BSP_MAX_QUEUE_SIZE", bsp_max_queue_size, ["2048"]),
+                field!("OTEL_BSP_SCHEDULE_DELAY", bsp_schedule_delay, ["5000"]),
+                field!(
+                    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+                    bsp_max_export_batch_size,
+                    ["512"]
+                ),
+                field!(
+                    "OTEL_BSP_MAX_CONCURRENT_EXPORTS",
+                    bsp_max_concurrent_exports,
+                    ["2"]
+                ),
+                field!("OTEL_BSP_EXPORT_TIMEOUT", bsp_export_timeout, ["30000"]),
+                field!("TRACECAR_POD_NAME", pod_name, ["web-1"]),
+                field!("TRACECAR_POD_UID", pod_uid, ["0f0e"]),
+                field!("TRACECAR_POD_NAMESPACE", pod_namespace, ["shop"]),
+                field!("TRACECAR_NODE_NAME", node_name, ["node-a"]),
+                field!("TRACECAR_CONTAINER_NAME", container_name, ["app"]),
+            ]
+        }
+
+        /// The settings with every default (what `run` sees without flags or variables).
+        fn defaults() -> RunArgs {
+            T::try_parse_from(["t"]).expect("defaults parse").run
+        }
+
+        /// The variables an error about `var`'s value may name: its own, and the other half of
+        /// the client certificate/key pair.
+        fn may_name(var: &str, named: &str) -> bool {
+            const PAIR: [&str; 2] = [
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+            ];
+            named == var || (PAIR.contains(&var) && PAIR.contains(&named))
+        }
+
+        /// Pieces of valid values that mutations splice in.
+        const PIECES: &[&str] = &[
+            ",",
+            "=",
+            "%2C",
+            "%",
+            "ms",
+            "s",
+            "m",
+            ":",
+            "[::1]",
+            "http://",
+            "https://",
+            "/",
+            "0",
+            "99999999999999999999",
+            ".",
+            "true",
+            "otlp",
+            " ",
+            "é",
+            "\u{0}",
+            "?q=1",
+            "#f",
+        ];
+
+        /// A value for one setting: arbitrary text, or one of its valid values mutated.
+        fn value(valid: &'static [&'static str]) -> impl Strategy<Value = String> {
+            let mutated = (prop::sample::select(valid), mutations())
+                .prop_map(|(v, m)| mutate_str(v, &m, PIECES));
+            prop_oneof![
+                text(),
+                mutated,
+                prop::sample::select(valid).prop_map(String::from)
+            ]
+        }
+
+        #[test]
+        fn every_setting_is_fuzzed() {
+            let fuzzed: Vec<&str> = fields().iter().map(|f| f.var).collect();
+            for arg in T::command().get_arguments() {
+                if let Some(env) = arg.get_env() {
+                    let env = env.to_str().unwrap_or_default();
+                    assert!(fuzzed.contains(&env), "{env} is not in fields()");
+                }
+            }
+        }
+
+        /// Arbitrary values, each named to its setting.
+        fn any_settings() -> impl Strategy<Value = Vec<(usize, String)>> {
+            let n = fields().len();
+            prop::collection::vec((0..n, text()), 1..=n)
+        }
+
+        proptest! {
+            #![proptest_config(fuzzing::config())]
+
+            /// One setting at a time: never a panic, a valid value is accepted, and an error
+            /// names that setting's variable and the value given.
+            #[test]
+            fn fuzz_each_setting_alone(
+                (i, v, valid) in (0..fields().len()).prop_flat_map(|i| {
+                    let valid = fields()[i].valid;
+                    (Just(i), value(valid), prop::sample::select(valid))
+                }),
+            ) {
+                let field = &fields()[i];
+                let mut args = defaults();
+                (field.set)(&mut args, valid.to_string());
+                if let Err(e) = args.into_config() {
+                    prop_assert!(false, "{} refused a valid value: {e}", field.var);
+                }
+                let mut args = defaults();
+                (field.set)(&mut args, v.clone());
+                if let Err(e) = args.into_config() {
+                    prop_assert!(may_name(field.var, e.var), "{} gave: {e}", field.var);
+                    prop_assert!(v.contains(&e.value), "{} gave: {e}", field.var);
+                    prop_assert!(e.to_string().contains(e.var));
+                }
+            }
+
+            /// Every setting at once: never a panic, and an error names a setting that was given.
+            #[test]
+            fn fuzz_all_settings_at_once(values in any_settings()) {
+                let fields = fields();
+                let mut args = defaults();
+                for (i, v) in &values {
+                    (fields[*i].set)(&mut args, v.clone());
+                }
+                if let Err(e) = args.into_config() {
+                    let given: Vec<&str> = values.iter().map(|(i, _)| fields[*i].var).collect();
+                    prop_assert!(
+                        given.iter().any(|var| may_name(var, e.var)),
+                        "{e} names none of {given:?}"
+                    );
+                }
+            }
+
+            #[test]
+            fn fuzz_parse_duration_arbitrary(v in value(&["10s", "500ms", "2m", "1.5", "0"])) {
+                if let Some(d) = parse_duration(&v) {
+                    // Accepted: digits with at most one point, then an accepted unit.
+                    let t = v.trim();
+                    let num = t.trim_end_matches(['m', 's']);
+                    let unit = &t[num.len()..];
+                    prop_assert!(["", "s", "ms", "m"].contains(&unit), "{v:?} -> {d:?}");
+                    prop_assert!(num.bytes().filter(|&b| b == b'.').count() <= 1, "{v:?}");
+                    prop_assert!(num.bytes().any(|b| b.is_ascii_digit()), "{v:?}");
+                }
+            }
+
+            #[test]
+            fn fuzz_parse_duration_round_trip(
+                n in prop_oneof![0u64..100_000, 0u64..=(1u64 << 53)],
+                unit in prop::sample::select(&["ms", "s", "m", ""][..]),
+                pad in prop::sample::select(&["", " ", "\t"][..]),
+            ) {
+                let want = match unit {
+                    "ms" => Some(Duration::from_millis(n)),
+                    "m" => n.checked_mul(60).map(Duration::from_secs),
+                    _ => Some(Duration::from_secs(n)),
+                };
+                prop_assert_eq!(parse_duration(&format!("{pad}{n}{unit}{pad}")), want);
+            }
+
+            #[test]
+            fn fuzz_parse_duration_fractions(
+                secs in 0u64..1_000_000,
+                millis in 0u64..1000,
+            ) {
+                prop_assert_eq!(
+                    parse_duration(&format!("{secs}.{millis:03}s")),
+                    Some(Duration::from_millis(secs * 1000 + millis))
+                );
+            }
+
+            /// `k=v` lists: arbitrary text never panics; what is accepted has no empty key, and
+            /// percent escapes are two hex digits.
+            #[test]
+            fn fuzz_parse_key_values_arbitrary(v in value(&["a=b,c=d%2C", "k=%41"])) {
+                if let Some(kvs) = parse_key_values(&v) {
+                    prop_assert!(kvs.iter().all(|(k, _)| !k.is_empty()));
+                }
+                let escapes_ok = v.split('%').skip(1).all(|after| {
+                    after.len() >= 2 && after.as_bytes()[..2].iter().all(u8::is_ascii_hexdigit)
+                });
+                if !escapes_ok {
+                    prop_assert_eq!(percent_decode(&v), None, "{:?}", v);
+                }
+            }
+
+            /// Any keys and values, percent-encoded, read back exactly.
+            #[test]
+            fn fuzz_parse_key_values_round_trip(
+                kvs in prop::collection::vec(("[a-zA-Z0-9._/-]{1,16}", any::<String>()), 0..6),
+            ) {
+                let encode = |s: &str| -> String {
+                    s.bytes()
+                        .map(|b| if b.is_ascii_alphanumeric() {
+                            (b as char).to_string()
+                        } else {
+                            format!("%{b:02X}")
+                        })
+                        .collect()
+                };
+                let line: Vec<String> =
+                    kvs.iter().map(|(k, v)| format!("{k}={}", encode(v))).collect();
+                prop_assert_eq!(parse_key_values(&line.join(",")), Some(kvs));
+            }
+
+            #[test]
+            fn fuzz_ratio(v in value(&["0.25", "1", "0", "1e-3"])) {
+                if let Ok(r) = ratio("OTEL_TRACES_SAMPLER_ARG", Some(&v)) {
+                    prop_assert!((0.0..=1.0).contains(&r), "{v:?} -> {r}");
+                }
+            }
+
+            #[test]
+            fn fuzz_ratio_round_trip(r in 0.0f64..=1.0) {
+                prop_assert_eq!(ratio("OTEL_TRACES_SAMPLER_ARG", Some(&r.to_string())).ok(), Some(r));
+                prop_assert!(ratio("OTEL_TRACES_SAMPLER_ARG", Some(&(r + 1.01).to_string())).is_err());
+            }
+
+            /// Endpoints: whatever is accepted is an http(s) URL, and the generic variable gets
+            /// `/v1/traces` on its path for http/protobuf.
+            #[test]
+            fn fuzz_otlp_endpoint(
+                http in any::<bool>(),
+                generic in prop::option::of(value(&["http://c:4318", "https://c:4318/otlp/"])),
+                traces in prop::option::of(value(&["http://c:4318/v1/traces"])),
+            ) {
+                let protocol = if http { OtlpProtocol::HttpProtobuf } else { OtlpProtocol::Grpc };
+                match otlp_endpoint(protocol, generic.as_deref(), traces.as_deref()) {
+                    Ok(url) => {
+                        let uri: http::Uri = url.parse().map_err(|e| {
+                            TestCaseError::fail(format!("{url:?} is not a URL: {e}"))
+                        })?;
+                        prop_assert!(matches!(uri.scheme_str(), Some("http" | "https")));
+                        prop_assert!(uri.authority().is_some());
+                        let from_traces = traces.as_deref().is_some_and(|t| !t.is_empty());
+                        if http && !from_traces {
+                            prop_assert!(uri.path().ends_with("/v1/traces"), "{url:?}");
+                        }
+                        if from_traces {
+                            prop_assert_eq!(Some(url), traces);
+                        }
+                    }
+                    Err(e) => {
+                        let from_traces = traces.as_deref().is_some_and(|t| !t.is_empty());
+                        let want = if from_traces {
+                            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+                        } else {
+                            "OTEL_EXPORTER_OTLP_ENDPOINT"
+                        };
+                        prop_assert_eq!(e.var, want);
+                    }
+                }
+            }
+
+            #[test]
+            fn fuzz_otlp_endpoint_round_trip(
+                https in any::<bool>(),
+                host in "[a-z][a-z0-9-]{0,20}(\\.[a-z0-9-]{1,10}){0,3}",
+                port in prop::option::of(1u16..),
+                path in "(/[a-zA-Z0-9._~-]{1,10}){0,3}/?",
+                query in "(\\?[a-z0-9=&/]{0,10})?",
+            ) {
+                let scheme = if https { "https" } else { "http" };
+                let port = port.map(|p| format!(":{p}")).unwrap_or_default();
+                let base = format!("{scheme}://{host}{port}{path}{query}");
+                let grpc = otlp_endpoint(OtlpProtocol::Grpc, Some(&base), None);
+                prop_assert_eq!(grpc.ok(), Some(base.clone()));
+                let http = otlp_endpoint(OtlpProtocol::HttpProtobuf, Some(&base), None);
+                let want = format!(
+                    "{scheme}://{host}{port}{}/v1/traces{query}",
+                    path.trim_end_matches('/')
+                );
+                prop_assert_eq!(http.ok(), Some(want));
+                let signal = otlp_endpoint(OtlpProtocol::HttpProtobuf, None, Some(&base));
+                prop_assert_eq!(signal.ok(), Some(base));
+            }
+
+            /// An accepted inbound target is a `host:port` authority, never the inbound listener.
+            #[test]
+            fn fuzz_inbound_target(v in value(&["127.0.0.1:8080", "[fd00::1]:80", "app:8080"])) {
+                let mut args = defaults();
+                args.inbound_target = Some(v.clone());
+                match args.into_config() {
+                    Ok(c) => {
+                        if let Some(t) = c.inbound_target {
+                            let a: http::uri::Authority = t.parse().map_err(|e| {
+                                TestCaseError::fail(format!("{v:?} gave {t:?}: {e}"))
+                            })?;
+                            prop_assert!(a.port_u16().is_some(), "{v:?} gave {t:?}");
+                            prop_assert!(
+                                !(a.port_u16() == Some(15143)
+                                    && is_local_host(a.host().trim_matches(['[', ']']))),
+                                "{v:?} targets the listener"
+                            );
+                        } else {
+                            prop_assert!(v.trim().is_empty(), "{v:?} was dropped");
+                        }
+                    }
+                    Err(e) => prop_assert_eq!(e.var, "TRACECAR_INBOUND_TARGET"),
+                }
+            }
+
+            /// Socket addresses of either family are read back as given.
+            #[test]
+            fn fuzz_listen_addresses_round_trip(a in any::<SocketAddr>()) {
+                // (Flow labels have no text form.)
+                let a = match a {
+                    SocketAddr::V6(mut v6) => {
+                        v6.set_flowinfo(0);
+                        SocketAddr::V6(v6)
+                    }
+                    v4 => v4,
+                };
+                let mut args = defaults();
+                args.admin_listen = a.to_string();
+                let c = args.into_config();
+                prop_assert_eq!(c.ok().map(|c| c.admin_listen), Some(a));
+            }
+        }
     }
 }

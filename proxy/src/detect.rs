@@ -166,9 +166,20 @@ fn classify_http1(buf: &[u8]) -> Verdict {
         return opaque;
     }
     let known = KNOWN_METHODS.contains(&method);
-    match buf.iter().position(|&b| b == b'\n') {
-        Some(end) => {
-            let line = &buf[..end];
+    let end = buf.iter().position(|&b| b == b'\n');
+    let line = &buf[..end.unwrap_or(buf.len())];
+    // Control characters end it as soon as they are seen, complete line or not (so the decision
+    // does not depend on whether the line's end had arrived yet).
+    if line
+        .get(token_len + 1..)
+        .unwrap_or_default()
+        .iter()
+        .any(|&b| b.is_ascii_control() && b != b'\r' && b != b'\t')
+    {
+        return opaque;
+    }
+    match end {
+        Some(_) => {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             let is_http1 = line.len() > token_len + 1 + b" HTTP/1.x".len()
                 && (line.ends_with(b" HTTP/1.1") || line.ends_with(b" HTTP/1.0"));
@@ -177,12 +188,6 @@ fn classify_http1(buf: &[u8]) -> Verdict {
             } else {
                 Protocol::Opaque
             })
-        }
-        None if buf[token_len + 1..]
-            .iter()
-            .any(|&b| b.is_ascii_control() && b != b'\r' && b != b'\t') =>
-        {
-            opaque
         }
         None => Verdict::NeedMore {
             fallback: if known {
@@ -260,30 +265,30 @@ pub fn client_hello_sni(buf: &[u8]) -> Sni {
     // Reassemble the handshake bytes from the records we have.
     let mut handshake: Vec<u8> = Vec::new();
     let mut rest = buf;
-    let mut records_complete = true;
+    // Whether more of the message may still come: false once something other than a handshake
+    // record follows. Records that end exactly where the bytes end say nothing about whether
+    // the message goes on in the next record.
+    let mut more_may_come = true;
     while !rest.is_empty() {
         if rest[0] != 0x16 {
+            more_may_come = false;
             break;
         }
         if rest.len() < 5 {
-            records_complete = false;
             break;
         }
-        if rest[1] != 3 {
-            return if handshake.is_empty() {
-                Sni::NotClientHello
-            } else {
-                Sni::Absent
-            };
+        if rest[1] != 3 && handshake.is_empty() {
+            return Sni::NotClientHello;
         }
         let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
-        if len == 0 {
-            return Sni::Absent;
+        if rest[1] != 3 || len == 0 {
+            // Not a record a client sends: the message ends with what came before it.
+            more_may_come = false;
+            break;
         }
         let body = &rest[5..];
         if body.len() < len {
             handshake.extend_from_slice(body);
-            records_complete = false;
             break;
         }
         handshake.extend_from_slice(&body[..len]);
@@ -294,8 +299,8 @@ pub fn client_hello_sni(buf: &[u8]) -> Sni {
     }
     match parse_client_hello(&handshake) {
         Parse::Done(sni) => sni,
-        Parse::Truncated if records_complete => Sni::Absent,
-        Parse::Truncated => Sni::Incomplete,
+        Parse::Truncated if more_may_come => Sni::Incomplete,
+        Parse::Truncated => Sni::Absent,
     }
 }
 
@@ -540,6 +545,32 @@ mod tests {
         two.extend((b.len() as u16).to_be_bytes());
         two.extend(b);
         assert_eq!(client_hello_sni(&two), Sni::Found("api.example.com".into()));
+        // Found by fuzz_valid_client_hello_gives_its_sni: the first record alone, complete, was
+        // taken for a whole hello without SNI, and detection stopped there.
+        let first = 5 + a.len();
+        assert_eq!(client_hello_sni(&two[..first]), Sni::Incomplete);
+        assert_eq!(
+            classify(&two[..first]),
+            Verdict::NeedMore {
+                fallback: tls(None)
+            }
+        );
+        // Something other than a handshake record after it: the rest will not come.
+        let mut cut_short = two[..first].to_vec();
+        cut_short.extend([0x17, 0x03, 0x03, 0x00, 0x01, 0x00]);
+        assert_eq!(client_hello_sni(&cut_short), Sni::Absent);
+        // Found by the same property: a malformed record after a whole hello lost its SNI.
+        for after in [
+            [0x16, 0x04, 0x00, 0x00, 0x00],
+            [0x16, 0x03, 0x03, 0x00, 0x00],
+        ] {
+            let mut hello = openssl_hello();
+            hello.extend(after);
+            assert_eq!(
+                client_hello_sni(&hello),
+                Sni::Found("api.example.com".into())
+            );
+        }
     }
 
     #[test]
@@ -647,6 +678,9 @@ mod tests {
             b"GET / HTTP/2.0\r\n",
             b"\x00\x00\x00\x01",
             b"SSH-2.0-OpenSSH_9.2\r\n",
+            // Found by fuzz_mutated_http1_and_http2: a control character was refused while the
+            // line was incomplete but accepted once its end arrived.
+            b"POST /a\x16\x03/b HTTP/1.1\r\n",
         ] {
             assert_eq!(classify(req), Verdict::Done(Protocol::Opaque), "{req:?}");
         }
@@ -812,5 +846,318 @@ mod tests {
         let (client, server) = pair().await;
         drop(client);
         assert_eq!(detect(&server, T).await, Protocol::Opaque);
+    }
+
+    /// Property tests over arbitrary, generated and mutated first bytes.
+    mod fuzz {
+        use super::*;
+        use crate::fuzzing::{self, mutate, mutations};
+        use proptest::prelude::*;
+
+        /// A ClientHello's parts, as a generator picks them.
+        #[derive(Debug, Clone)]
+        struct Hello {
+            record_version: u8,
+            session_id: Vec<u8>,
+            suites: Vec<u16>,
+            compression: Vec<u8>,
+            /// `None`: no extensions block at all (TLS 1.2 allows it).
+            extensions: Option<Vec<(u16, Vec<u8>)>>,
+            /// Where the handshake message is cut into records (offsets into it).
+            cuts: Vec<usize>,
+        }
+
+        impl Hello {
+            /// The handshake message (type, length, body).
+            fn message(&self) -> Vec<u8> {
+                let mut body = vec![0x03, 0x03];
+                body.extend([0x5a; 32]);
+                body.push(self.session_id.len() as u8);
+                body.extend(&self.session_id);
+                body.extend(((self.suites.len() * 2) as u16).to_be_bytes());
+                for s in &self.suites {
+                    body.extend(s.to_be_bytes());
+                }
+                body.push(self.compression.len() as u8);
+                body.extend(&self.compression);
+                if let Some(exts) = &self.extensions {
+                    let mut block = Vec::new();
+                    for (ty, data) in exts {
+                        block.extend(ty.to_be_bytes());
+                        block.extend((data.len() as u16).to_be_bytes());
+                        block.extend(data);
+                    }
+                    body.extend((block.len() as u16).to_be_bytes());
+                    body.extend(block);
+                }
+                let mut msg = vec![0x01];
+                msg.extend(&(body.len() as u32).to_be_bytes()[1..]);
+                msg.extend(body);
+                msg
+            }
+
+            /// The message in one or more handshake records.
+            fn records(&self) -> Vec<u8> {
+                self.records_and_ends().0
+            }
+
+            /// [`Hello::records`], and the offset where each record ends.
+            fn records_and_ends(&self) -> (Vec<u8>, Vec<usize>) {
+                let msg = self.message();
+                let mut cuts: Vec<usize> = self.cuts.iter().map(|c| c % msg.len()).collect();
+                cuts.retain(|&c| c > 0);
+                cuts.push(0);
+                cuts.push(msg.len());
+                cuts.sort_unstable();
+                cuts.dedup();
+                let (mut out, mut ends) = (Vec::new(), Vec::new());
+                for w in cuts.windows(2) {
+                    let part = &msg[w[0]..w[1]];
+                    out.extend([0x16, 0x03, self.record_version]);
+                    out.extend((part.len() as u16).to_be_bytes());
+                    out.extend(part);
+                    ends.push(out.len());
+                }
+                (out, ends)
+            }
+        }
+
+        /// A host name as `is_dns_name` accepts it.
+        fn host_name() -> impl Strategy<Value = String> {
+            "[a-zA-Z0-9_-]{1,40}(\\.[a-zA-Z0-9_-]{1,40}){0,4}"
+        }
+
+        /// A `server_name` extension naming `name`, maybe after an entry of another type.
+        fn sni_extension(name: &str, other: Option<(u8, Vec<u8>)>) -> (u16, Vec<u8>) {
+            let mut list = Vec::new();
+            if let Some((ty, data)) = other {
+                list.push(ty);
+                list.extend((data.len() as u16).to_be_bytes());
+                list.extend(data);
+            }
+            list.push(0);
+            list.extend((name.len() as u16).to_be_bytes());
+            list.extend(name.as_bytes());
+            let mut data = (list.len() as u16).to_be_bytes().to_vec();
+            data.extend(list);
+            (0, data)
+        }
+
+        /// A ClientHello and the name in its SNI, if it has one.
+        fn hello() -> impl Strategy<Value = (Hello, Option<String>)> {
+            let other_exts =
+                prop::collection::vec((1u16.., prop::collection::vec(any::<u8>(), 0..48)), 0..8);
+            let sni = prop::option::of((
+                host_name(),
+                prop::option::of((1u8.., prop::collection::vec(any::<u8>(), 0..8))),
+                any::<prop::sample::Index>(),
+            ));
+            (
+                0u8..=4,
+                prop::collection::vec(any::<u8>(), 0..=32),
+                prop::collection::vec(any::<u16>(), 1..32),
+                prop::collection::vec(any::<u8>(), 1..4),
+                prop::option::weighted(0.9, (other_exts, sni)),
+                prop::collection::vec(any::<usize>(), 0..4),
+            )
+                .prop_map(
+                    |(record_version, session_id, suites, compression, exts, cuts)| {
+                        let mut name = None;
+                        let extensions = exts.map(|(mut exts, sni)| {
+                            if let Some((host, other, at)) = sni {
+                                let at = at.index(exts.len() + 1);
+                                exts.insert(at, sni_extension(&host, other));
+                                name = Some(host);
+                            }
+                            exts
+                        });
+                        let hello = Hello {
+                            record_version,
+                            session_id,
+                            suites,
+                            compression,
+                            extensions,
+                            cuts,
+                        };
+                        (hello, name)
+                    },
+                )
+        }
+
+        /// Whether `needle` occurs in `hay` in order (not necessarily contiguously: a name may
+        /// straddle two records).
+        fn subsequence(needle: &[u8], hay: &[u8]) -> bool {
+            let mut hay = hay.iter();
+            needle.iter().all(|b| hay.any(|h| h == b))
+        }
+
+        /// What detection must hold for any bytes: an SNI is only ever a host name taken from
+        /// the bytes, and a decision made on a prefix is the one made on the whole (detection
+        /// stops at the first decision, so it must not depend on how the bytes arrived).
+        fn check_any(buf: &[u8], cut: prop::sample::Index) -> Result<(), TestCaseError> {
+            let whole = classify(buf);
+            if let Sni::Found(name) = client_hello_sni(buf) {
+                prop_assert!(
+                    !name.is_empty()
+                        && name.len() <= 253
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+                    "not a host name: {name:?}"
+                );
+                prop_assert!(
+                    subsequence(name.as_bytes(), buf),
+                    "{name:?} is not in the input"
+                );
+            }
+            if let Verdict::Done(Protocol::Tls { sni: Some(name) }) = &whole {
+                prop_assert_eq!(client_hello_sni(buf), Sni::Found(name.clone()));
+            }
+            let prefix = &buf[..cut.index(buf.len() + 1)];
+            if let Verdict::Done(early) = classify(prefix) {
+                prop_assert_eq!(
+                    &whole,
+                    &Verdict::Done(early),
+                    "decided on {} of {} bytes",
+                    prefix.len(),
+                    buf.len()
+                );
+            }
+            Ok(())
+        }
+
+        /// Pieces of valid first bytes that mutations splice in.
+        const PIECES: &[&[u8]] = &[
+            &[0x16, 0x03, 0x01],
+            &[0x16, 0x03, 0x03, 0x00, 0x00],
+            &[0x00, 0x00],
+            &[0xff, 0xff],
+            &[0x01, 0x00, 0x00],
+            b"GET ",
+            b" HTTP/1.1\r\n",
+            b"\r\n",
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"example.com",
+        ];
+
+        /// First bytes that start like one of the protocols more often than random bytes do.
+        fn first_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let start = prop::sample::select(PIECES);
+            (start, prop::collection::vec(any::<u8>(), 0..600)).prop_map(|(s, rest)| {
+                let mut v = s.to_vec();
+                v.extend(rest);
+                v
+            })
+        }
+
+        proptest! {
+            #![proptest_config(fuzzing::config())]
+
+            #[test]
+            fn fuzz_classify_arbitrary_bytes(
+                buf in prop_oneof![prop::collection::vec(any::<u8>(), 0..700), first_bytes()],
+                cut in any::<prop::sample::Index>(),
+            ) {
+                check_any(&buf, cut)?;
+            }
+
+            #[test]
+            fn fuzz_valid_client_hello_gives_its_sni(
+                (hello, name) in hello(),
+                trailing in prop::collection::vec(any::<u8>(), 0..16),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let (mut buf, ends) = hello.records_and_ends();
+                let want = match &name {
+                    Some(n) => Sni::Found(n.clone()),
+                    None => Sni::Absent,
+                };
+                prop_assert_eq!(client_hello_sni(&buf), want.clone());
+                prop_assert_eq!(classify(&buf), Verdict::Done(tls(name.as_deref())));
+                // Whatever the client sends next does not change the answer.
+                let len = buf.len();
+                buf.extend(&trailing);
+                prop_assert_eq!(client_hello_sni(&buf), want);
+                // A prefix is undecided, or decided as the whole hello is.
+                // A prefix is undecided, or decided as the whole hello is: a random one, and
+                // each that ends with a record (where a reader could take the records it has for
+                // all there is).
+                for end in ends.iter().copied().chain([cut.index(len + 1)]) {
+                    match classify(&buf[..end]) {
+                        Verdict::NeedMore { .. } => {}
+                        got => prop_assert_eq!(
+                            got,
+                            Verdict::Done(tls(name.as_deref())),
+                            "decided on {} of {} bytes",
+                            end,
+                            len
+                        ),
+                    }
+                }
+                check_any(&buf, cut)?;
+            }
+
+            #[test]
+            fn fuzz_mutated_client_hello(
+                (hello, _) in hello(),
+                muts in mutations(),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let buf = mutate(&hello.records(), &muts, PIECES);
+                check_any(&buf, cut)?;
+            }
+
+            #[test]
+            fn fuzz_valid_http1_request_line(
+                method in prop_oneof![
+                    prop::sample::select(KNOWN_METHODS).prop_map(|m| m.to_vec()),
+                    "[A-Z][A-Z_-]{0,15}".prop_map(String::into_bytes),
+                ],
+                target in "/[!-~]{0,60}",
+                version in prop::sample::select(vec![&b" HTTP/1.1"[..], b" HTTP/1.0"]),
+                crlf in any::<bool>(),
+                rest in prop::collection::vec(any::<u8>(), 0..64),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                prop_assume!(method != b"PRI");
+                let mut buf = method.clone();
+                buf.push(b' ');
+                buf.extend(target.as_bytes());
+                buf.extend(version);
+                buf.extend(if crlf { &b"\r\n"[..] } else { b"\n" });
+                buf.extend(&rest);
+                prop_assert_eq!(classify(&buf), Verdict::Done(Protocol::Http1));
+                check_any(&buf, cut)?;
+            }
+
+            #[test]
+            fn fuzz_mutated_http1_and_http2(
+                h2 in any::<bool>(),
+                muts in mutations(),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let valid: &[u8] = if h2 {
+                    H2_PREFACE
+                } else {
+                    b"POST /v1/orders?id=7 HTTP/1.1\r\nHost: shop\r\n\r\n"
+                };
+                let buf = mutate(valid, &muts, PIECES);
+                check_any(&buf, cut)?;
+            }
+
+            #[test]
+            fn fuzz_http2_preface_and_its_prefixes(
+                rest in prop::collection::vec(any::<u8>(), 0..64),
+                cut in 0..H2_PREFACE.len(),
+            ) {
+                let mut buf = H2_PREFACE.to_vec();
+                buf.extend(&rest);
+                prop_assert_eq!(classify(&buf), Verdict::Done(Protocol::Http2));
+                prop_assert_eq!(
+                    classify(&H2_PREFACE[..cut]),
+                    Verdict::NeedMore { fallback: Protocol::Opaque }
+                );
+            }
+        }
     }
 }

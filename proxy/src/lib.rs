@@ -27,5 +27,8 @@ pub mod rules;
 pub mod trace;
 pub mod wait_ready;
 
+#[cfg(test)]
+mod fuzzing;
+
 pub use config::{Config, RunArgs};
 pub use proxy::Proxy;

@@ -452,4 +452,189 @@ mod tests {
         assert!(both.contains("# tracecar-proxy init: ip6tables-restore --noflush input (IPv6)\n"));
         assert!(both.contains("-d ::1/128 -o lo -j RETURN"));
     }
+
+    /// Property tests: every `init` setting fed arbitrary and mutated values.
+    mod fuzz {
+        use super::*;
+        use crate::fuzzing::{self, mutate_str, mutations, text};
+        use proptest::prelude::*;
+
+        type Set = fn(&mut InitArgs, String);
+
+        /// Every setting of `init` with a variable: the variable, how to set it, valid values.
+        fn fields() -> Vec<(&'static str, Set, &'static [&'static str])> {
+            vec![
+                (
+                    "TRACECAR_INBOUND_PORT",
+                    |a, v| a.inbound_port = v,
+                    &["15143"],
+                ),
+                (
+                    "TRACECAR_OUTBOUND_PORT",
+                    |a, v| a.outbound_port = v,
+                    &["15140"],
+                ),
+                ("TRACECAR_ADMIN_PORT", |a, v| a.admin_port = v, &["15190"]),
+                ("TRACECAR_PROXY_UID", |a, v| a.proxy_uid = v, &["2140", "0"]),
+                (
+                    "TRACECAR_SKIP_INBOUND_PORTS",
+                    |a, v| a.skip_inbound_ports = v,
+                    &["22,8000-8100"],
+                ),
+                (
+                    "TRACECAR_SKIP_OUTBOUND_PORTS",
+                    |a, v| a.skip_outbound_ports = v,
+                    &["5432"],
+                ),
+                (
+                    "TRACECAR_SKIP_OUTBOUND_CIDRS",
+                    |a, v| a.skip_outbound_cidrs = v,
+                    &["10.0.0.0/8,fd00::/8"],
+                ),
+                (
+                    "TRACECAR_IPTABLES_BACKEND",
+                    |a, v| a.iptables_backend = v,
+                    &["nft", "legacy"],
+                ),
+                ("TRACECAR_IPV6", |a, v| a.ipv6 = v, &["on", "off", "auto"]),
+            ]
+        }
+
+        #[test]
+        fn every_setting_is_fuzzed() {
+            use clap::CommandFactory;
+            let fuzzed: Vec<&str> = fields().iter().map(|f| f.0).collect();
+            for arg in Cli::command().get_arguments() {
+                if let Some(env) = arg.get_env() {
+                    let env = env.to_str().unwrap_or_default();
+                    assert!(fuzzed.contains(&env), "{env} is not in fields()");
+                }
+            }
+        }
+
+        const PIECES: &[&str] = &[
+            ",",
+            "-",
+            "/",
+            ":",
+            "0",
+            "65536",
+            "10.0.0.0/8",
+            "fd00::/8",
+            " ",
+        ];
+
+        /// `--dports` groups of the rendered rules: each within the 15 slots of `multiport`.
+        fn check_rendered(rules: &Rules) -> Result<(), TestCaseError> {
+            for family in [Family::Ipv4, Family::Ipv6] {
+                let text = rules::render(rules, family);
+                for line in text.lines() {
+                    prop_assert!(!line.contains('\r'));
+                    if let Some((_, rest)) = line.split_once("--dports ") {
+                        let ports = rest.split(' ').next().unwrap_or_default();
+                        let slots: usize = ports
+                            .split(',')
+                            .map(|p| if p.contains(':') { 2 } else { 1 })
+                            .sum();
+                        prop_assert!(slots <= 15, "{line}");
+                    }
+                    if let Some(cidr) = line.strip_prefix("-A TRACECAR_OUTPUT -d ") {
+                        let cidr = cidr.split(' ').next().unwrap_or_default();
+                        let v4 = cidr.parse::<parse::Cidr>().map(|c| c.is_ipv4());
+                        if !cidr.starts_with("127.0.0.1") && cidr != "::1/128" {
+                            prop_assert_eq!(v4, Ok(family == Family::Ipv4), "{}", line);
+                        }
+                    }
+                }
+                // Running again over what it installed adds no jump twice.
+                let again = rules::reconcile(&text, &text);
+                for jump in rules::JUMPS {
+                    prop_assert!(!again.lines().any(|l| l == jump), "{again}");
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(fuzzing::config())]
+
+            /// One setting at a time: never a panic, valid values are accepted, an error names
+            /// the setting's variable and the value; accepted rules render within iptables'
+            /// limits.
+            #[test]
+            fn fuzz_init_setting_alone(
+                (i, v, valid) in (0..fields().len()).prop_flat_map(|i| {
+                    let valid = fields()[i].2;
+                    let mutated = (prop::sample::select(valid), mutations())
+                        .prop_map(|(v, m)| mutate_str(v, &m, PIECES));
+                    (Just(i), prop_oneof![text(), mutated], prop::sample::select(valid))
+                }),
+            ) {
+                let (var, set, _) = fields()[i];
+                let mut a = args(&[]);
+                set(&mut a, valid.to_string());
+                prop_assert!(a.config().is_ok(), "{var}={valid:?} refused");
+                let mut a = args(&[]);
+                set(&mut a, v.clone());
+                match a.config() {
+                    Ok(c) => check_rendered(&c.rules)?,
+                    Err(InitError::InvalidValue { env, value, .. }) => {
+                        prop_assert_eq!(env, var);
+                        prop_assert_eq!(value, v);
+                    }
+                    Err(e) => prop_assert!(false, "{e}"),
+                }
+            }
+
+            /// Many ports and networks: rendered in groups that iptables takes.
+            #[test]
+            fn fuzz_init_long_lists_render(
+                inbound in prop::collection::vec((1u16.., 0u16..3), 0..40),
+                outbound in prop::collection::vec(1u16.., 0..40),
+                cidrs in prop::collection::vec(
+                    prop_oneof!["10\\.[1-9][0-9]?\\.0\\.0/16", "fd[0-9]{2}::/16"], 0..10),
+            ) {
+                let inbound: Vec<String> = inbound
+                    .iter()
+                    .map(|(p, w)| match p.checked_add(*w) {
+                        Some(q) if *w > 0 => format!("{p}-{q}"),
+                        _ => p.to_string(),
+                    })
+                    .collect();
+                let outbound: Vec<String> = outbound.iter().map(u16::to_string).collect();
+                let a = args(&[
+                    "--skip-inbound-ports",
+                    &inbound.join(","),
+                    "--skip-outbound-ports",
+                    &outbound.join(","),
+                    "--skip-outbound-cidrs",
+                    &cidrs.join(","),
+                ]);
+                let c = a.config().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                check_rendered(&c.rules)?;
+            }
+
+            #[test]
+            fn fuzz_reconcile_arbitrary_iptables_save(
+                current in prop::collection::vec(
+                    prop_oneof![
+                        text(),
+                        prop::sample::select(&rules::JUMPS[..]).prop_map(String::from),
+                        "-A (PREROUTING|OUTPUT|INPUT) -p tcp -j TRACECAR_[A-Z]{0,8}",
+                    ],
+                    0..12,
+                ),
+            ) {
+                let rendered = rules::render(&Rules::default(), Family::Ipv4);
+                let current = current.join("\n");
+                let out = rules::reconcile(&rendered, &current);
+                // Each jump ends up once: added, or already there.
+                for jump in rules::JUMPS {
+                    let added = out.lines().filter(|l| *l == jump).count();
+                    let there = current.lines().any(|l| l.trim_end() == jump);
+                    prop_assert_eq!(added, usize::from(!there), "{}", jump);
+                }
+            }
+        }
+    }
 }

@@ -238,4 +238,168 @@ mod tests {
         assert!(!has_global_ipv6(&format!("{lo_only}{link_local}")));
         assert!(has_global_ipv6(&format!("{lo_only}{link_local}{ula}")));
     }
+
+    /// Property tests over arbitrary and mutated values.
+    mod fuzz {
+        use super::*;
+        use crate::fuzzing::{self, mutate_str, mutations, text};
+        use proptest::prelude::*;
+
+        const PIECES: &[&str] = &[
+            ",",
+            "-",
+            "/",
+            ":",
+            "::",
+            ".",
+            "0",
+            "65535",
+            "65536",
+            "4294967296",
+            "/0",
+            "/32",
+            "/128",
+            "10.0.0.0",
+            "fd00::",
+            " ",
+            "%eth0",
+            "+",
+        ];
+
+        /// Arbitrary text, or a valid value mutated.
+        fn value(valid: &'static [&'static str]) -> impl Strategy<Value = String> {
+            let mutated = (prop::sample::select(valid), mutations())
+                .prop_map(|(v, m)| mutate_str(v, &m, PIECES));
+            prop_oneof![text(), mutated]
+        }
+
+        fn range() -> impl Strategy<Value = PortRange> {
+            (1u16.., 1u16..).prop_map(|(a, b)| PortRange {
+                first: a.min(b),
+                last: a.max(b),
+            })
+        }
+
+        fn cidr() -> impl Strategy<Value = Cidr> {
+            prop_oneof![
+                (any::<std::net::Ipv4Addr>(), 0u8..=32).prop_map(|(a, p)| (IpAddr::V4(a), p)),
+                (any::<std::net::Ipv6Addr>(), 0u8..=128).prop_map(|(a, p)| (IpAddr::V6(a), p)),
+            ]
+            .prop_filter_map("valid prefix", |(a, p)| Cidr::new(a, p))
+        }
+
+        /// Blanks that may surround a list item.
+        fn blank() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(&["", " ", "\t", "  "][..])
+        }
+
+        proptest! {
+            #![proptest_config(fuzzing::config())]
+
+            #[test]
+            fn fuzz_port(v in value(&["8080", "1", "65535"])) {
+                if let Some(p) = port(&v) {
+                    prop_assert!(p > 0);
+                    let digits = v.trim().trim_start_matches('0');
+                    prop_assert_eq!(digits, p.to_string(), "{:?}", v);
+                }
+            }
+
+            #[test]
+            fn fuzz_port_round_trip(p in 1u16.., pad in blank()) {
+                prop_assert_eq!(port(&format!("{pad}{p}{pad}")), Some(p));
+            }
+
+            /// Accepted lists hold ranges `1 <= first <= last`, without duplicates.
+            #[test]
+            fn fuzz_port_list(v in value(&["22,8000-8100", "1-65535,443", ""])) {
+                if let Some(list) = port_list(&v) {
+                    for (i, r) in list.iter().enumerate() {
+                        prop_assert!(1 <= r.first && r.first <= r.last, "{v:?}: {r:?}");
+                        prop_assert!(!list[..i].contains(r), "{v:?}: {r:?} twice");
+                    }
+                }
+            }
+
+            #[test]
+            fn fuzz_port_list_round_trip(
+                ranges in prop::collection::vec((range(), blank(), any::<bool>()), 0..24),
+            ) {
+                let text: Vec<String> = ranges
+                    .iter()
+                    .map(|(r, pad, dash)| match (r.first == r.last, dash) {
+                        (true, false) => format!("{pad}{}{pad}", r.first),
+                        _ => format!("{pad}{}-{}{pad}", r.first, r.last),
+                    })
+                    .collect();
+                let mut want: Vec<PortRange> = Vec::new();
+                for (r, _, _) in &ranges {
+                    if !want.contains(r) {
+                        want.push(*r);
+                    }
+                }
+                prop_assert_eq!(port_list(&text.join(",")), Some(want));
+            }
+
+            /// An accepted CIDR prints as iptables-save does and reads back the same; its host
+            /// bits are clear.
+            #[test]
+            fn fuzz_cidr(v in value(&["10.0.0.0/8", "fd00::1/8", "192.168.1.7", "::/0"])) {
+                if let Ok(c) = v.parse::<Cidr>() {
+                    prop_assert_eq!(c.to_string().parse::<Cidr>(), Ok(c));
+                    prop_assert_eq!(Cidr::new(c.addr, c.prefix), Some(c));
+                }
+                if let Some(list) = cidr_list(&v) {
+                    let max = |c: &Cidr| if c.is_ipv4() { 32 } else { 128 };
+                    prop_assert!(list.iter().all(|c| c.prefix <= max(c)), "{:?}", list);
+                }
+            }
+
+            #[test]
+            fn fuzz_cidr_list_round_trip(
+                cidrs in prop::collection::vec((cidr(), blank()), 0..12),
+            ) {
+                let text: Vec<String> =
+                    cidrs.iter().map(|(c, pad)| format!("{pad}{c}{pad}")).collect();
+                let mut want: Vec<Cidr> = Vec::new();
+                for (c, _) in &cidrs {
+                    prop_assert_eq!(Cidr::new(c.addr, c.prefix), Some(*c));
+                    if !want.contains(c) {
+                        want.push(*c);
+                    }
+                }
+                prop_assert_eq!(cidr_list(&text.join(",")), Some(want));
+            }
+
+            /// Any address in a network gives that network (host bits cleared).
+            #[test]
+            fn fuzz_cidr_clears_host_bits(c in cidr(), noise in any::<u128>()) {
+                // The low `bits - prefix` bits of `noise`.
+                let host = |prefix: u8, bits: u32| {
+                    noise & (u128::MAX >> (128 - bits)).checked_shr(prefix.into()).unwrap_or(0)
+                };
+                let addr = match c.addr {
+                    IpAddr::V4(a) => {
+                        let h = host(c.prefix, 32) as u32;
+                        IpAddr::V4((u32::from(a) | h).into())
+                    }
+                    IpAddr::V6(a) => IpAddr::V6((u128::from(a) | host(c.prefix, 128)).into()),
+                };
+                prop_assert_eq!(Cidr::new(addr, c.prefix), Some(c));
+            }
+
+            /// `/proc/net/if_inet6`: arbitrary text never panics; a global address on another
+            /// interface than `lo` is found among any other lines.
+            #[test]
+            fn fuzz_has_global_ipv6(
+                v in value(&["fe80000000000000a8c1abfffe000001 02 40 20 80     eth0\n"]),
+                name in "[a-z][a-z0-9]{0,7}",
+            ) {
+                let seen = has_global_ipv6(&v);
+                let ula = format!("fd000233000000000000000000000002 02 40 00 80 {name}\n");
+                let with = format!("{v}\n{ula}");
+                prop_assert_eq!(has_global_ipv6(&with), name != "lo" || seen);
+            }
+        }
+    }
 }
