@@ -264,7 +264,9 @@ fn classify(target: &str, e: &hyper_util::client::legacy::Error) -> ForwardError
                         io.kind(),
                         std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
                     )
-                }) || e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_parse)
+                }) || e
+                    .downcast_ref::<hyper::Error>()
+                    .is_some_and(hyper::Error::is_parse)
             });
             return ForwardError::ClientBody(malformed, error_chain(e));
         }

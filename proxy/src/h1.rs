@@ -1501,4 +1501,251 @@ pub(crate) mod tests {
         let (_, out) = start(head).unwrap();
         assert_eq!(out, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n");
     }
+
+    /// Property tests: the HTTP/1 head parse and rewrite, the chunked scanner, target
+    /// splitting and the response-head classifier, fed arbitrary bytes and mutated valid
+    /// messages (see `crate::fuzzing`).
+    mod fuzz {
+        use super::*;
+        use crate::fuzzing::{config, mutate, mutations};
+        use proptest::prelude::*;
+        use proptest::test_runner::TestRunner;
+
+        /// Scans `input` in pieces cut at `cuts`; the body's length, or None when refused.
+        fn scan_cut(input: &[u8], cuts: &[usize]) -> Option<Option<usize>> {
+            let mut state = BodyState::new(Framing::Chunked);
+            let mut points: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+            points.push(input.len());
+            points.sort_unstable();
+            let (mut at, mut used) = (0, 0);
+            for p in points {
+                if p <= at {
+                    continue;
+                }
+                let piece = &input[at..p];
+                let Ok(n) = state.scan(piece) else {
+                    return None;
+                };
+                used += n;
+                if state.done() {
+                    return Some(Some(used));
+                }
+                // An unfinished body takes every byte it is given.
+                assert_eq!(n, piece.len());
+                at = p;
+            }
+            Some(None) // not finished yet
+        }
+
+        fn chunked_body() -> impl Strategy<Value = (Vec<u8>, usize)> {
+            let ext = prop::sample::select(&["", ";a", ";a=b", " ; n=\"q\\\"v\"", ";x=\t1"][..]);
+            let chunk = (prop::collection::vec(any::<u8>(), 1..40), ext);
+            let trailer = prop::sample::select(&["", "x-t: 1\r\n", "a: b\r\nc:\t\r\n"][..]);
+            (prop::collection::vec(chunk, 0..5), trailer).prop_map(|(chunks, trailer)| {
+                let mut out = Vec::new();
+                for (data, ext) in chunks {
+                    out.extend_from_slice(format!("{:x}{ext}\r\n", data.len()).as_bytes());
+                    out.extend_from_slice(&data);
+                    out.extend_from_slice(b"\r\n");
+                }
+                out.extend_from_slice(b"0\r\n");
+                out.extend_from_slice(trailer.as_bytes());
+                out.extend_from_slice(b"\r\n");
+                let len = out.len();
+                out.extend_from_slice(b"GET /next HTTP/1.1\r\n");
+                (out, len)
+            })
+        }
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// However the bytes arrive, the scanner decides the same: the same end or the same
+            /// refusal; it never panics.
+            #[test]
+            fn fuzz_chunked_scanner_decides_the_same_however_split(
+                input in prop::collection::vec(any::<u8>(), 0..200),
+                cuts in prop::collection::vec(any::<usize>(), 0..8),
+            ) {
+                prop_assert_eq!(scan_cut(&input, &cuts), scan_cut(&input, &[]));
+            }
+
+            /// A valid chunked body ends exactly where it ends, however it is split; mutated,
+            /// it still never panics and is decided the same however split.
+            #[test]
+            fn fuzz_chunked_scanner_finds_valid_ends_and_survives_mutations(
+                (body, len) in chunked_body(),
+                cuts in prop::collection::vec(any::<usize>(), 0..8),
+                muts in mutations(),
+            ) {
+                prop_assert_eq!(scan_cut(&body, &cuts), Some(Some(len)));
+                let bad = mutate(&body, &muts, &[b"\r\n", b";", b"0\r\n\r\n", b"\n", b"ff"]);
+                prop_assert_eq!(scan_cut(&bad, &cuts), scan_cut(&bad, &[]));
+            }
+
+            /// Target splitting never panics (the UTF-8 crash of issue 11) and loses nothing.
+            #[test]
+            fn fuzz_split_target(raw in crate::fuzzing::text(), scheme in prop::sample::select(&["", "http://", "HTTPS://", "htt"][..])) {
+                let raw = format!("{scheme}{raw}");
+                let (authority, rest) = split_target(&raw);
+                match authority {
+                    None => prop_assert_eq!(rest, raw.as_str()),
+                    Some(a) => {
+                        let whole = format!("{a}{rest}");
+                        prop_assert!(raw.ends_with(&whole));
+                        prop_assert!(!a.contains(['/', '?']));
+                    }
+                }
+            }
+
+            /// The response-head classifier never panics; a final head it accepts is written as
+            /// a well-formed head for the client.
+            #[test]
+            fn fuzz_response_heads(
+                base in prop::sample::select(RESPONSES),
+                muts in mutations(),
+                head_request in any::<bool>(),
+                close in any::<bool>(),
+            ) {
+                let input = mutate(base, &muts, &[b"\r\n", b"Content-Length: 5\r\n", b"\n", b" "]);
+                let mut out = Vec::new();
+                let started = parse_response(&input, |parsed, resp| {
+                    response_start(parsed, resp, head_request, close, &mut out)
+                });
+                let _ = informational(&input);
+                if let Ok(ResponseStart::Final(_)) = started {
+                    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+                    let mut resp = httparse::Response::new(&mut headers);
+                    prop_assert!(matches!(resp.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()));
+                }
+            }
+        }
+
+        const RESPONSES: &[&[u8]] = &[
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc",
+            b"HTTP/1.1 204 No Content\r\nConnection: close, x\r\nX: 1\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 4\r\n\r\n",
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+        ];
+
+        /// A listener's shared state for calling `prepare` directly (no export).
+        fn conn(direction: Direction, target: Option<&str>) -> Conn {
+            let cfg = {
+                #[derive(clap::Parser)]
+                struct Cli {
+                    #[command(flatten)]
+                    run: crate::RunArgs,
+                }
+                <Cli as clap::Parser>::parse_from(["p", "--traces-exporter=none"])
+                    .run
+                    .into_config()
+                    .expect("valid")
+            };
+            let metrics = Arc::new(crate::metrics::Metrics::new());
+            let telemetry = Arc::new(
+                crate::trace::Telemetry::new(&cfg, crate::trace::Sink::FromConfig, metrics)
+                    .expect("telemetry"),
+            );
+            Conn {
+                shared: Arc::new(crate::http::Shared {
+                    direction,
+                    telemetry,
+                    upstream: crate::forward::Upstream::new(Duration::from_secs(1)),
+                    connect_timeout: Duration::from_secs(1),
+                    limits: Default::default(),
+                    listen_port: 15140,
+                    own: Default::default(),
+                    hop: crate::rules::HopMarker::new(),
+                    open: Default::default(),
+                }),
+                target: target.map(Into::into),
+                peer_ip: None,
+            }
+        }
+
+        const HEADS: &[&[u8]] = &[
+            b"GET /a?b=1 HTTP/1.1\r\nHost: app:8080\r\nUser-Agent: t\r\n\r\n",
+            b"POST http://app:81/p HTTP/1.1\r\nHost: other\r\nContent-Length: 3\r\n\r\nabc",
+            b"PUT /u HTTP/1.1\r\nHost: app\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 4\r\nConnection: keep-alive\r\nTE: trailers\r\n\r\n",
+            b"GET / HTTP/1.1\r\nhost: app\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nvia: 1.0 x\r\nKeep-Alive: 5\r\n\r\n",
+            b"DELETE /r%C3%A9 HTTP/1.1\r\nHost: app\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+        ];
+        const PIECES: &[&[u8]] = &[
+            b"\r\n",
+            b"Host: x\r\n",
+            b"Content-Length: 9\r\n",
+            b"Transfer-Encoding: chunked\r\n",
+            b"Connection: close\r\n",
+            b"Via: 1.1 tracecar-0\r\n",
+            b"@",
+            b"\xc3\xa9",
+            b"\n",
+            b" ",
+            b"http://",
+            b"Expect: 100-continue\r\n",
+            b"Upgrade: h2c\r\n",
+        ];
+
+        /// What reaches the app is always one well-formed request head: it parses whole, has
+        /// one Host, no length next to a coding, no hop-by-hop header, an origin-form target.
+        fn check_forwarded(out: &[u8]) -> Result<(), TestCaseError> {
+            let mut headers = [httparse::EMPTY_HEADER; 128];
+            let mut req = httparse::Request::new(&mut headers);
+            let parsed = req.parse(out);
+            prop_assert!(
+                matches!(parsed, Ok(httparse::Status::Complete(n)) if n == out.len()),
+                "{:?}",
+                String::from_utf8_lossy(out)
+            );
+            let count = |name: &str| {
+                req.headers
+                    .iter()
+                    .filter(|h| h.name.eq_ignore_ascii_case(name))
+                    .count()
+            };
+            prop_assert_eq!(count("host"), 1);
+            prop_assert!(count("content-length") <= 1);
+            prop_assert!(count("content-length") == 0 || count("transfer-encoding") == 0);
+            for hop in ["connection", "keep-alive", "upgrade", "proxy-connection"] {
+                prop_assert_eq!(count(hop), 0);
+            }
+            let target = req.path.unwrap_or("");
+            prop_assert!(target.starts_with('/') || target == "*", "{}", target);
+            Ok(())
+        }
+
+        /// `prepare` never panics on any head, and what it forwards is well formed, on both
+        /// listeners.
+        #[test]
+        fn fuzz_request_heads_are_refused_or_rewritten_well_formed() {
+            let conns = [
+                conn(Direction::Inbound, Some("127.0.0.1:8080")),
+                conn(Direction::Outbound, None),
+            ];
+            let mut runner = TestRunner::new(config());
+            let strategy = (
+                prop::sample::select(HEADS),
+                mutations(),
+                prop::collection::vec(any::<u8>(), 0..120),
+                any::<bool>(),
+            );
+            runner
+                .run(&strategy, |(base, muts, noise, raw)| {
+                    let input = if raw {
+                        noise
+                    } else {
+                        mutate(base, &muts, PIECES)
+                    };
+                    for c in &conns {
+                        let mut out = Vec::new();
+                        let mut injected = Injected::default();
+                        if let Prepared::Forward(_) = prepare(c, &input, &mut out, &mut injected) {
+                            check_forwarded(&out)?;
+                        }
+                    }
+                    Ok(())
+                })
+                .unwrap();
+        }
+    }
 }

@@ -290,42 +290,7 @@ impl Conn {
                 None => self.forward_or_answer(req).await,
             };
         }
-        // The request rules the lean path applies (see `rules`), on hyper's parsed head. (hyper
-        // refuses a head larger than its buffer only when it arrives in pieces.)
-        let head_size: usize = req.uri().to_string().len()
-            + req
-                .headers()
-                .iter()
-                .map(|(n, v)| n.as_str().len() + v.len() + 4)
-                .sum::<usize>();
-        let refusal = if head_size > crate::h1::MAX_HEAD {
-            Err(rules::TOO_LARGE)
-        } else {
-            let mut hosts = req.headers().get_all(http::header::HOST).iter();
-            let mut checked = Ok(());
-            for (seen, value) in hosts.by_ref().enumerate() {
-                checked = checked.and_then(|()| rules::check_host(seen, value.as_bytes()));
-            }
-            let vias = req.headers().get_all(http::header::VIA).iter();
-            let looped = outbound && vias.into_iter().any(|v| shared.hop.seen_in(v.as_bytes()));
-            checked
-                .and_then(|()| match req.uri().authority() {
-                    Some(a) => rules::check_authority(a.as_str().as_bytes()),
-                    None => Ok(()),
-                })
-                .and_then(|()| if looped { Err(rules::LOOP) } else { Ok(()) })
-                .and_then(|()| {
-                    let mut codings = req
-                        .headers()
-                        .get_all(http::header::TRANSFER_ENCODING)
-                        .iter()
-                        .peekable();
-                    match codings.peek() {
-                        None => Ok(()),
-                        Some(_) => rules::request_codings(codings.map(|v| v.as_bytes())).map(drop),
-                    }
-                })
-        };
+        let refusal = self.check(&req);
         if let Err(r) = refusal {
             shared.count_refusal(r);
             return local_response(r.status, r.message);
@@ -349,6 +314,36 @@ impl Conn {
             }
         }
         self.forward_or_answer(req).await
+    }
+
+    /// The request rules the lean path applies (see [`rules`]), on hyper's parsed head.
+    fn check(&self, req: &Request<Incoming>) -> Result<(), Refusal> {
+        let headers = req.headers();
+        // hyper refuses a head larger than its buffer only when it arrives in pieces.
+        let head_size = req.uri().to_string().len()
+            + headers
+                .iter()
+                .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                .sum::<usize>();
+        if head_size > crate::h1::MAX_HEAD {
+            return Err(rules::TOO_LARGE);
+        }
+        for (seen, value) in headers.get_all(http::header::HOST).iter().enumerate() {
+            rules::check_host(seen, value.as_bytes())?;
+        }
+        if let Some(a) = req.uri().authority() {
+            rules::check_authority(a.as_str().as_bytes())?;
+        }
+        let outbound = self.shared.direction == Direction::Outbound;
+        let mut vias = headers.get_all(http::header::VIA).iter();
+        if outbound && vias.any(|v| self.shared.hop.seen_in(v.as_bytes())) {
+            return Err(rules::LOOP);
+        }
+        let codings = headers.get_all(http::header::TRANSFER_ENCODING);
+        if codings.iter().next().is_some() {
+            rules::request_codings(codings.iter().map(|v| v.as_bytes()))?;
+        }
+        Ok(())
     }
 
     async fn forward_or_answer(&self, req: Request<Incoming>) -> Response<ProxyBody> {

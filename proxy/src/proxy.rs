@@ -388,7 +388,10 @@ mod tests {
 
         let mut victim = TcpStream::connect(proxy.inbound_addr).await.unwrap();
         let answer = exchange(&mut victim, crate::h1::tests::PANIC_PATH).await;
-        assert_eq!(answer, "", "the panicking connection is closed without an answer");
+        assert_eq!(
+            answer, "",
+            "the panicking connection is closed without an answer"
+        );
 
         assert!(exchange(&mut beside, "/after").await.ends_with("ok"));
         let mut fresh = TcpStream::connect(proxy.inbound_addr).await.unwrap();

@@ -259,4 +259,30 @@ mod tests {
             assert!(!own.is_self(local, peer.parse().unwrap()), "{peer}");
         }
     }
+
+    mod fuzz {
+        use super::*;
+        use crate::fuzzing::config;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(config())]
+
+            /// The request rules never panic, and what they accept is what they promise.
+            #[test]
+            fn fuzz_request_rules(values in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..24), 0..4)) {
+                if request_codings(values.iter().map(Vec::as_slice)) == Ok(true) {
+                    let joined = values.concat();
+                    prop_assert!(joined.to_ascii_lowercase().windows(7).any(|w| w == b"chunked"));
+                }
+                for v in &values {
+                    if check_authority(v).is_ok() {
+                        prop_assert!(v.iter().all(|b| b.is_ascii_graphic() && *b != b'@'));
+                    }
+                    let _ = check_host(0, v);
+                    let _ = HopMarker::new().seen_in(v);
+                }
+            }
+        }
+    }
 }

@@ -196,12 +196,6 @@ enum AppWant {
     Raw(Vec<u8>),
     /// These bytes never reached the app.
     Lacks(Vec<u8>),
-    /// Lean, hyper.
-    By(Box<AppWant>, Box<AppWant>),
-}
-
-fn by(lean: AppWant, hyper: AppWant) -> AppWant {
-    AppWant::By(Box::new(lean), Box::new(hyper))
 }
 
 #[derive(Clone, Debug)]
@@ -935,10 +929,6 @@ fn check_app(want: &AppWant, path: Path, received: &[Vec<u8>], reqs: &[Req]) {
             "the app received {:?}",
             lossy(&all)
         ),
-        AppWant::By(lean, hyper) => match path {
-            Path::Lean => check_app(lean, path, received, reqs),
-            Path::Hyper => check_app(hyper, path, received, reqs),
-        },
         AppWant::Reqs(wants) => {
             let seen: Vec<String> = reqs.iter().map(Req::normalised).collect();
             assert_eq!(

@@ -763,7 +763,10 @@ async fn running_out_of_file_descriptors_sheds_and_recovers() {
     let _ = probe.write_all(ask("/ok").as_bytes()).await;
     let asked = std::time::Instant::now();
     let shed = answer(&mut probe).await;
-    assert_eq!(shed, "", "a connection beyond the descriptors is closed unanswered");
+    assert_eq!(
+        shed, "",
+        "a connection beyond the descriptors is closed unanswered"
+    );
     // (answer waits up to 5 s for a connection left hanging)
     assert!(
         asked.elapsed() < Duration::from_secs(4),

@@ -160,15 +160,14 @@ impl ProxyProcess {
             }
         }
         let child = cmd.spawn().expect("spawn tracecar-proxy");
-        let p = ProxyProcess {
+        ProxyProcess {
             child,
             inbound,
             outbound,
             admin,
             stderr_path,
             stdout_path,
-        };
-        p
+        }
     }
 
     fn try_wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
@@ -185,7 +184,10 @@ impl ProxyProcess {
             }
             std::thread::sleep(Duration::from_millis(30));
         }
-        Err(format!("proxy not ready after {timeout:?}: {}", self.stderr()))
+        Err(format!(
+            "proxy not ready after {timeout:?}: {}",
+            self.stderr()
+        ))
     }
 
     pub fn pid(&self) -> u32 {
