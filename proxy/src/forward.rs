@@ -12,6 +12,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use crate::idle::IdleIo;
 use crate::rules::OwnPorts;
 use crate::trace::{RequestSpan, TracedBody};
 
@@ -35,9 +36,9 @@ pub enum ForwardError {
     Loop(String),
     #[error("{0} did not start its response in time")]
     ResponseTimeout(String),
-    /// Reading the request body from the client failed: malformed (`true`) or cut short.
+    /// Reading the request body from the client failed.
     #[error("the request body could not be read: {1}")]
-    ClientBody(bool, String),
+    ClientBody(BodyFailure, String),
 }
 
 impl ForwardError {
@@ -51,8 +52,9 @@ impl ForwardError {
             ForwardError::NoTarget(_) => "no_destination",
             ForwardError::Loop(_) => "loop_detected",
             ForwardError::ResponseTimeout(_) => "response_timeout",
-            ForwardError::ClientBody(true, _) => "malformed_request",
-            ForwardError::ClientBody(false, _) => "client_error",
+            ForwardError::ClientBody(BodyFailure::Malformed, _) => "malformed_request",
+            ForwardError::ClientBody(BodyFailure::Stalled, _) => "stream_idle_timeout",
+            ForwardError::ClientBody(BodyFailure::Gone, _) => "client_error",
         }
     }
 
@@ -61,10 +63,22 @@ impl ForwardError {
         match self {
             ForwardError::Loop(_) => StatusCode::LOOP_DETECTED,
             ForwardError::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ForwardError::ClientBody(BodyFailure::Stalled, _) => StatusCode::REQUEST_TIMEOUT,
             ForwardError::ClientBody(..) => StatusCode::BAD_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
+}
+
+/// How reading a client's request body failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFailure {
+    /// Malformed framing (400).
+    Malformed,
+    /// It stopped arriving for the stream idle timeout (408).
+    Stalled,
+    /// The client went away (400, which it will not read).
+    Gone,
 }
 
 /// hyper's connector, refusing a connection that reached one of the proxy's own listeners
@@ -73,6 +87,7 @@ impl ForwardError {
 pub struct GuardedConnector {
     inner: HttpConnector,
     own: OwnPorts,
+    stream_idle: Duration,
 }
 
 /// The error [`GuardedConnector`] gives for a connection to the proxy itself.
@@ -81,7 +96,7 @@ pub struct GuardedConnector {
 pub struct LoopError;
 
 impl tower::Service<Uri> for GuardedConnector {
-    type Response = TokioIo<tokio::net::TcpStream>;
+    type Response = TokioIo<IdleIo<tokio::net::TcpStream>>;
     type Error = Box<dyn std::error::Error + Send + Sync>;
     type Future = std::pin::Pin<
         Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
@@ -97,12 +112,15 @@ impl tower::Service<Uri> for GuardedConnector {
     fn call(&mut self, dst: Uri) -> Self::Future {
         let connecting = self.inner.call(dst);
         let own = self.own;
+        let idle = self.stream_idle;
         Box::pin(async move {
-            let io = connecting.await?;
-            if own.check(io.inner()) {
+            let io = connecting.await?.into_inner();
+            if own.check(&io) {
                 return Err(LoopError.into());
             }
-            Ok(io)
+            // A response body the app stops sending in the middle ends after the stream idle
+            // timeout (idle pooled connections are closed long before it).
+            Ok(TokioIo::new(IdleIo::fixed(io, idle)))
         })
     }
 }
@@ -135,7 +153,11 @@ impl Upstream {
         inner.set_nodelay(true);
         inner.set_connect_timeout(Some(limits.connect_timeout));
         inner.enforce_http(false);
-        let connector = GuardedConnector { inner, own };
+        let connector = GuardedConnector {
+            inner,
+            own,
+            stream_idle: limits.stream_idle_timeout,
+        };
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
@@ -258,17 +280,22 @@ fn classify(target: &str, e: &hyper_util::client::legacy::Error) -> ForwardError
             .downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_user)
         {
-            let malformed = std::iter::successors(inner.source(), |e| e.source()).any(|e| {
-                e.downcast_ref::<std::io::Error>().is_some_and(|io| {
-                    matches!(
-                        io.kind(),
-                        std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput
-                    )
-                }) || e
+            let mut why = BodyFailure::Gone;
+            for e in std::iter::successors(inner.source(), |e| e.source()) {
+                let kind = e.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+                if matches!(
+                    kind,
+                    Some(std::io::ErrorKind::InvalidData | std::io::ErrorKind::InvalidInput)
+                ) || e
                     .downcast_ref::<hyper::Error>()
                     .is_some_and(hyper::Error::is_parse)
-            });
-            return ForwardError::ClientBody(malformed, error_chain(e));
+                {
+                    why = BodyFailure::Malformed;
+                } else if kind == Some(std::io::ErrorKind::TimedOut) {
+                    why = BodyFailure::Stalled;
+                }
+            }
+            return ForwardError::ClientBody(why, error_chain(e));
         }
         source = inner.source();
     }

@@ -580,8 +580,9 @@ enum Failure {
     Malformed,
     /// Reading from the client failed or it closed mid-body.
     Client,
-    /// A body went silent for the stream idle timeout.
-    StreamIdle,
+    /// A body went silent for the stream idle timeout: the client's (`true`: 408) or the app
+    /// stopped taking it (504).
+    StreamIdle(bool),
     /// The app did not start its response within the response head timeout: 504.
     ResponseTimeout,
     /// The app connection failed.
@@ -655,7 +656,7 @@ async fn exchange(
                 .await
                 .map_err(|e| match e {
                     Some(e) => Failure::App(e),
-                    None => Failure::StreamIdle,
+                    None => Failure::StreamIdle(false),
                 })?;
             if !body.done() {
                 early = upload(client, inbuf, u, &mut body, limits.stream_idle_timeout).await?;
@@ -706,11 +707,25 @@ async fn exchange(
                 refuse_body(conn, client, span).await;
                 return Ok(false);
             }
-            Err(Failure::StreamIdle) => {
+            Err(Failure::StreamIdle(by_client)) => {
                 *up = None;
                 metrics.timeout(Timeout::StreamIdle);
-                span.fail("stream_idle_timeout", "a request body went silent".into());
-                return Err(());
+                let (status, message) = if by_client {
+                    (
+                        StatusCode::REQUEST_TIMEOUT,
+                        "tracecar: the request body stopped arriving\n",
+                    )
+                } else {
+                    (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "tracecar: the app stopped reading the request body\n",
+                    )
+                };
+                span.set_status(status);
+                span.fail("stream_idle_timeout", message.trim_end().into());
+                drop(span);
+                let _ = write_local(client, status, message, head_request).await;
+                return Ok(false);
             }
             Err(Failure::Client) => {
                 *up = None;
@@ -828,7 +843,7 @@ async fn upload(
                     pending -= n;
                     continue;
                 }
-                _ = tokio::time::sleep(idle) => return Err(Failure::StreamIdle),
+                _ = tokio::time::sleep(idle) => return Err(Failure::StreamIdle(false)),
             }
         } else {
             tokio::select! {
@@ -840,7 +855,7 @@ async fn upload(
                     }
                     continue;
                 }
-                _ = tokio::time::sleep(idle) => return Err(Failure::StreamIdle),
+                _ = tokio::time::sleep(idle) => return Err(Failure::StreamIdle(true)),
             }
         };
         match from_app_read {

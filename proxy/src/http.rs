@@ -399,7 +399,14 @@ impl Conn {
                 let status = e.status();
                 match &e {
                     ForwardError::Loop(_) => shared.count_refusal(rules::LOOP),
-                    ForwardError::ClientBody(true, _) => shared.count_refusal(rules::BAD_CHUNKED),
+                    ForwardError::ClientBody(crate::forward::BodyFailure::Malformed, _) => {
+                        shared.count_refusal(rules::BAD_CHUNKED)
+                    }
+                    ForwardError::ClientBody(crate::forward::BodyFailure::Stalled, _) => shared
+                        .telemetry
+                        .metrics
+                        .direction(shared.direction)
+                        .timeout(crate::metrics::Timeout::StreamIdle),
                     ForwardError::ResponseTimeout(_) => shared
                         .telemetry
                         .metrics

@@ -175,6 +175,14 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 }
 
+impl<T: hyper_util::client::legacy::connect::Connection>
+    hyper_util::client::legacy::connect::Connection for IdleIo<T>
+{
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.inner.connected()
+    }
+}
+
 /// Copies bytes both ways until both sides close, or until neither side has sent or received a
 /// byte for `idle`.
 pub async fn splice<A, B>(a: A, b: B, idle: Duration) -> io::Result<(u64, u64)>

@@ -1709,6 +1709,20 @@ cases! {
         ],
         AppWant::Any,
     ).env("TRACECAR_RESPONSE_HEAD_TIMEOUT", "1s");
+    app_body_stalls => case(
+        Inbound,
+        Script::Reply(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc".to_vec()),
+        vec![send(b"GET /stall HTTP/1.1\r\nHost: app\r\n\r\n"), Step::Truncated],
+        AppWant::Any,
+    ).env("TRACECAR_STREAM_IDLE_TIMEOUT", "1s");
+    client_body_stalls => case(
+        Inbound, Script::Ok,
+        vec![
+            send(b"POST /upload HTTP/1.1\r\nHost: app\r\nContent-Length: 10\r\n\r\nabc"),
+            Step::Resp(resp(&[408]).within(3000)),
+        ],
+        AppWant::Any,
+    ).env("TRACECAR_STREAM_IDLE_TIMEOUT", "1s");
     connection_cap => case(
         Inbound, Script::Ok,
         vec![Step::ConnectionCap(5)],
