@@ -88,14 +88,26 @@ async fn admit(
         "{}",
         String::from_utf8_lossy(&reply.body)
     );
-    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(&reply.body).unwrap();
+    let mut raw: Value = serde_json::from_slice(&reply.body).unwrap();
+    // The API documents `patch` as base64 (Go `[]byte`); kube-core's type reads a number array,
+    // so the patch is taken out and decoded here, and the rest read with kube-core.
+    let patch = raw["response"]
+        .as_object_mut()
+        .expect("response")
+        .remove("patch")
+        .map(|p| {
+            let text = p
+                .as_str()
+                .unwrap_or_else(|| panic!("patch is not a base64 string: {p}"));
+            base64::Engine::decode(&base64::prelude::BASE64_STANDARD, text).expect("base64 patch")
+        });
+    let review: AdmissionReview<DynamicObject> = serde_json::from_value(raw.clone()).unwrap();
     assert_eq!(review.types.api_version, "admission.k8s.io/v1");
     assert_eq!(review.types.kind, "AdmissionReview");
-    let raw: Value = serde_json::from_slice(&reply.body).unwrap();
     let resp = review.response.expect("response");
     assert_eq!(resp.uid, uid);
     assert!(resp.allowed, "tracecar never denies a pod");
-    let patched = resp.patch.map(|bytes| {
+    let patched = patch.map(|bytes| {
         assert_eq!(
             raw.pointer("/response/patchType").and_then(Value::as_str),
             Some("JSONPatch")
