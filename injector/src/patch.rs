@@ -202,7 +202,9 @@ pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> Patch {
     }
 
     if let Some((vname, secret)) = &volume_name {
-        let vol = json!({"name": vname, "secret": {"secretName": secret}});
+        // Optional: a missing Secret must not keep the pod from starting; the proxy runs
+        // without export until the files appear (TRACECAR_EXPORT_REQUIRED=false below).
+        let vol = json!({"name": vname, "secret": {"secretName": secret, "optional": true}});
         if spec.and_then(|s| s.volumes.as_ref()).is_none() {
             ops.push(add(ptr(&["spec", "volumes"]), json!([vol])));
             record.created.push("volumes".into());
@@ -353,6 +355,10 @@ fn proxy_container(pod: &Pod, inputs: &Inputs<'_>, name: &str, tls_volume: Optio
             "OTEL_EXPORTER_OTLP_CLIENT_KEY",
             &format!("{TLS_MOUNT}/tls.key"),
         ));
+        // The Secret volume is optional, so the files may be missing or still arriving: the
+        // proxy must serve traffic and report export as failing rather than exit, which would
+        // keep the app from starting (native sidecar: startupProbe; container: postStart).
+        env.push(env_value("TRACECAR_EXPORT_REQUIRED", "false"));
     }
 
     let mut c = Map::new();

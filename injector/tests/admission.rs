@@ -258,6 +258,11 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
     let init = &p["spec"]["initContainers"];
     assert_eq!(names(init), ["tracecar-init", "tracecar-proxy"]);
     let proxy = named(init, "tracecar-proxy");
+    assert_eq!(
+        env(proxy, "TRACECAR_EXPORT_REQUIRED"),
+        None,
+        "no TLS Secret: the proxy's default (required) stays"
+    );
     assert_eq!(proxy["restartPolicy"], "Always");
     assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
     assert_eq!(proxy["startupProbe"]["httpGet"]["port"], 15190);
@@ -333,10 +338,16 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
     let p = patched("existing-volumes-tls");
     assert_eq!(names(&p["spec"]["volumes"]), ["data", "tracecar-otlp-tls"]);
     assert_eq!(
-        named(&p["spec"]["volumes"], "tracecar-otlp-tls")["secret"]["secretName"],
-        "otel-client-tls"
+        named(&p["spec"]["volumes"], "tracecar-otlp-tls")["secret"],
+        serde_json::json!({"secretName": "otel-client-tls", "optional": true}),
+        "a missing Secret must not keep the pod from starting"
     );
     let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy");
+    assert_eq!(
+        env(proxy, "TRACECAR_EXPORT_REQUIRED"),
+        Some("false"),
+        "the proxy must start while the Secret's files are missing"
+    );
     assert_eq!(
         proxy["volumeMounts"][0]["mountPath"],
         "/var/run/secrets/tracecar/otlp"
@@ -466,6 +477,11 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
     );
     let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy-2");
     assert_eq!(proxy["volumeMounts"][0]["name"], "tracecar-otlp-tls-1");
+    assert_eq!(
+        named(&p["spec"]["volumes"], "tracecar-otlp-tls-1")["secret"]["optional"],
+        true
+    );
+    assert_eq!(env(proxy, "TRACECAR_EXPORT_REQUIRED"), Some("false"));
     assert_eq!(
         proxy["image"],
         format!(
