@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -230,7 +231,13 @@ pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> Patch {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), Value::String(v)))
             .collect();
-        ops.push(add(ptr(&["metadata", "annotations"]), Value::Object(map)));
+        if pod.metadata == ObjectMeta::default() {
+            // Sent without metadata (or `metadata: null`), the pod decodes with an empty one:
+            // add the whole object, which applies whether or not the sender's JSON has it.
+            ops.push(add(ptr(&["metadata"]), json!({ "annotations": map })));
+        } else {
+            ops.push(add(ptr(&["metadata", "annotations"]), Value::Object(map)));
+        }
     } else {
         for (k, v) in marks {
             ops.push(add(ptr(&["metadata", "annotations", k]), Value::String(v)));

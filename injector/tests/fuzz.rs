@@ -351,16 +351,12 @@ fn check_admit(defaults: &Defaults, body: &[u8]) -> Result<(), TestCaseError> {
         return Ok(());
     };
     let mut object = raw["request"]["object"].clone();
-    // The API server always sends metadata; without it the typed pod gets a default one and
-    // the patch adds into a `/metadata` that is not there.
-    if object.get("metadata").is_some_and(Value::is_object) {
-        json_patch::patch(&mut object, &ops).map_err(|e| {
-            TestCaseError::fail(format!("patch does not apply: {e}\n{object}\n{ops:?}"))
-        })?;
-        let again: Pod = serde_json::from_value(object)
-            .map_err(|e| TestCaseError::fail(format!("patched pod does not decode: {e}")))?;
-        prop_assert_eq!(decide(&again, defaults).reason, Reason::AlreadyInjected);
-    }
+    json_patch::patch(&mut object, &ops).map_err(|e| {
+        TestCaseError::fail(format!("patch does not apply: {e}\n{object}\n{ops:?}"))
+    })?;
+    let again: Pod = serde_json::from_value(object)
+        .map_err(|e| TestCaseError::fail(format!("patched pod does not decode: {e}")))?;
+    prop_assert_eq!(decide(&again, defaults).reason, Reason::AlreadyInjected);
     Ok(())
 }
 
@@ -645,9 +641,9 @@ fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
 
 // ---- regression cases: inputs the fuzzing above found ----
 //
-// The properties found no panic in the injector (5000 cases each, and the long run in
-// docs/injector.md). Pinned here: the inputs that found a flaw in the properties themselves, and
-// the edges the generators reach only rarely.
+// The properties found no panic in the injector (5000 cases each). Pinned here: the one flaw
+// they found (a patch that does not apply), the input that found a flaw in the properties
+// themselves, and edges the generators reach only rarely.
 
 /// A lone UTF-16 surrogate escape in a field the typed decode skips: no JSON `Value` can hold
 /// the body, but the review decodes, so it must be answered (allowed, with the patch).
@@ -668,6 +664,27 @@ fn regression_lone_surrogate_in_an_unknown_field_is_answered() {
     let reply: Value = serde_json::from_slice(&out).expect("JSON");
     assert_eq!(reply["response"]["allowed"], true);
     assert!(reply["response"]["patch"].is_string(), "{reply}");
+}
+
+/// Found by `fuzz_admit_structured_mutations_of_real_reviews`: a pod sent without metadata, or
+/// with `metadata: null`, got a patch adding `/metadata/annotations` under a `/metadata` that
+/// is not there, which the API server would fail to apply (and so refuse the pod).
+#[test]
+fn regression_pod_without_metadata_gets_a_patch_that_applies() {
+    let defaults = Defaults::default();
+    let pod = json!({"apiVersion": "v1", "kind": "Pod",
+        "spec": {"containers": [{"name": "app", "image": "nginx"}]}});
+    let mut null_meta = pod.clone();
+    null_meta["metadata"] = Value::Null;
+    for pod in [pod, null_meta] {
+        let body = serde_json::to_vec(&common::review(&pod, "m")).expect("encode");
+        check_admit(&defaults, &body).unwrap_or_else(|e| panic!("{pod}: {e}"));
+        let typed: Pod = serde_json::from_value(pod.clone()).expect("decodes");
+        let p = decide(&typed, &defaults).patch.expect("injected");
+        let mut doc = pod.clone();
+        json_patch::patch(&mut doc, &p).expect("applies");
+        assert_eq!(doc["metadata"]["annotations"][ann::STATUS], "injected");
+    }
 }
 
 /// Multi-byte characters right where the parsers split text, and numbers past their types.
