@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, Patch, PatchOperation};
 use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -202,7 +203,9 @@ pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> Patch {
     }
 
     if let Some((vname, secret)) = &volume_name {
-        let vol = json!({"name": vname, "secret": {"secretName": secret}});
+        // Optional: a missing Secret must not keep the pod from starting; the proxy runs
+        // without export until the files appear (TRACECAR_EXPORT_REQUIRED=false below).
+        let vol = json!({"name": vname, "secret": {"secretName": secret, "optional": true}});
         if spec.and_then(|s| s.volumes.as_ref()).is_none() {
             ops.push(add(ptr(&["spec", "volumes"]), json!([vol])));
             record.created.push("volumes".into());
@@ -228,7 +231,13 @@ pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> Patch {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), Value::String(v)))
             .collect();
-        ops.push(add(ptr(&["metadata", "annotations"]), Value::Object(map)));
+        if pod.metadata == ObjectMeta::default() {
+            // Sent without metadata (or `metadata: null`), the pod decodes with an empty one:
+            // add the whole object, which applies whether or not the sender's JSON has it.
+            ops.push(add(ptr(&["metadata"]), json!({ "annotations": map })));
+        } else {
+            ops.push(add(ptr(&["metadata", "annotations"]), Value::Object(map)));
+        }
     } else {
         for (k, v) in marks {
             ops.push(add(ptr(&["metadata", "annotations", k]), Value::String(v)));
@@ -353,6 +362,10 @@ fn proxy_container(pod: &Pod, inputs: &Inputs<'_>, name: &str, tls_volume: Optio
             "OTEL_EXPORTER_OTLP_CLIENT_KEY",
             &format!("{TLS_MOUNT}/tls.key"),
         ));
+        // The Secret volume is optional, so the files may be missing or still arriving: the
+        // proxy must serve traffic and report export as failing rather than exit, which would
+        // keep the app from starting (native sidecar: startupProbe; container: postStart).
+        env.push(env_value("TRACECAR_EXPORT_REQUIRED", "false"));
     }
 
     let mut c = Map::new();

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::prelude::{Engine as _, BASE64_STANDARD};
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -338,7 +339,27 @@ pub fn admit(state: &State, defaults: &Defaults, body: &[u8]) -> Result<Vec<u8>,
             respond(state, &req, skip(reason))?
         }
     };
-    serde_json::to_vec(&response.into_review()).map_err(|e| e.to_string())
+    encode_review(response)
+}
+
+/// Serializes the response review with `response.patch` as a base64 string, as the
+/// Kubernetes API documents it (`[]byte`); kube-core would write a JSON array of numbers.
+pub fn encode_review(mut response: AdmissionResponse) -> Result<Vec<u8>, String> {
+    let patch = response.patch.take();
+    let mut review = serde_json::to_value(response.into_review()).map_err(|e| e.to_string())?;
+    if let Some(bytes) = patch {
+        let Some(resp) = review
+            .get_mut("response")
+            .and_then(serde_json::Value::as_object_mut)
+        else {
+            return Err("the response review has no response object".to_owned());
+        };
+        resp.insert(
+            "patch".to_owned(),
+            serde_json::Value::String(BASE64_STANDARD.encode(bytes)),
+        );
+    }
+    serde_json::to_vec(&review).map_err(|e| e.to_string())
 }
 
 // Small helpers keep `admit` readable: build, log and count the response.

@@ -88,14 +88,26 @@ async fn admit(
         "{}",
         String::from_utf8_lossy(&reply.body)
     );
-    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(&reply.body).unwrap();
+    let mut raw: Value = serde_json::from_slice(&reply.body).unwrap();
+    // The API documents `patch` as base64 (Go `[]byte`); kube-core's type reads a number array,
+    // so the patch is taken out and decoded here, and the rest read with kube-core.
+    let patch = raw["response"]
+        .as_object_mut()
+        .expect("response")
+        .remove("patch")
+        .map(|p| {
+            let text = p
+                .as_str()
+                .unwrap_or_else(|| panic!("patch is not a base64 string: {p}"));
+            base64::Engine::decode(&base64::prelude::BASE64_STANDARD, text).expect("base64 patch")
+        });
+    let review: AdmissionReview<DynamicObject> = serde_json::from_value(raw.clone()).unwrap();
     assert_eq!(review.types.api_version, "admission.k8s.io/v1");
     assert_eq!(review.types.kind, "AdmissionReview");
-    let raw: Value = serde_json::from_slice(&reply.body).unwrap();
     let resp = review.response.expect("response");
     assert_eq!(resp.uid, uid);
     assert!(resp.allowed, "tracecar never denies a pod");
-    let patched = resp.patch.map(|bytes| {
+    let patched = patch.map(|bytes| {
         assert_eq!(
             raw.pointer("/response/patchType").and_then(Value::as_str),
             Some("JSONPatch")
@@ -246,6 +258,11 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
     let init = &p["spec"]["initContainers"];
     assert_eq!(names(init), ["tracecar-init", "tracecar-proxy"]);
     let proxy = named(init, "tracecar-proxy");
+    assert_eq!(
+        env(proxy, "TRACECAR_EXPORT_REQUIRED"),
+        None,
+        "no TLS Secret: the proxy's default (required) stays"
+    );
     assert_eq!(proxy["restartPolicy"], "Always");
     assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
     assert_eq!(proxy["startupProbe"]["httpGet"]["port"], 15190);
@@ -321,10 +338,16 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
     let p = patched("existing-volumes-tls");
     assert_eq!(names(&p["spec"]["volumes"]), ["data", "tracecar-otlp-tls"]);
     assert_eq!(
-        named(&p["spec"]["volumes"], "tracecar-otlp-tls")["secret"]["secretName"],
-        "otel-client-tls"
+        named(&p["spec"]["volumes"], "tracecar-otlp-tls")["secret"],
+        serde_json::json!({"secretName": "otel-client-tls", "optional": true}),
+        "a missing Secret must not keep the pod from starting"
     );
     let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy");
+    assert_eq!(
+        env(proxy, "TRACECAR_EXPORT_REQUIRED"),
+        Some("false"),
+        "the proxy must start while the Secret's files are missing"
+    );
     assert_eq!(
         proxy["volumeMounts"][0]["mountPath"],
         "/var/run/secrets/tracecar/otlp"
@@ -454,6 +477,11 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
     );
     let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy-2");
     assert_eq!(proxy["volumeMounts"][0]["name"], "tracecar-otlp-tls-1");
+    assert_eq!(
+        named(&p["spec"]["volumes"], "tracecar-otlp-tls-1")["secret"]["optional"],
+        true
+    );
+    assert_eq!(env(proxy, "TRACECAR_EXPORT_REQUIRED"), Some("false"));
     assert_eq!(
         proxy["image"],
         format!(

@@ -152,7 +152,15 @@ fn json_list_round_trip() {
     let injected: Value = serde_json::from_str(&out).expect("JSON in, JSON out");
     let tpl = &injected["items"][0]["spec"]["template"];
     assert_eq!(tpl["spec"]["volumes"][0]["name"], "tracecar-otlp-tls");
+    assert_eq!(tpl["spec"]["volumes"][0]["secret"]["optional"], true);
     assert_eq!(tpl["spec"]["initContainers"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        env(
+            &tpl["spec"]["initContainers"][1],
+            "TRACECAR_EXPORT_REQUIRED"
+        ),
+        Some("false")
+    );
     assert_eq!(tpl["metadata"]["annotations"]["x"], "y");
     assert_eq!(injected["items"][1], original["items"][1]);
     let (back, err, code) = run(&["inject", "--uninject", "-f", "-"], &out, &[]);
@@ -162,6 +170,48 @@ fn json_list_round_trip() {
         back, original,
         "explicit empty lists and maps survive the round trip"
     );
+}
+
+#[test]
+fn tls_secret_in_container_mode_round_trip() {
+    // A pod that already has env, volumes and mounts of its own: uninject must leave exactly them.
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p", "annotations": {"a": "b"}},
+        "spec": {
+            "containers": [{"name": "app", "image": "nginx",
+                "env": [{"name": "X", "value": "1"}],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+            "volumes": [{"name": "data", "emptyDir": {}}]
+        }
+    });
+    let text = serde_json::to_string(&pod).unwrap();
+    let (out, err, code) = run(
+        &[
+            "inject",
+            "--sidecar-mode",
+            "container",
+            "--collector-tls-secret",
+            "otel-tls",
+        ],
+        &text,
+        &[],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let injected: Value = serde_json::from_str(&out).unwrap();
+    let proxy = &injected["spec"]["containers"][0];
+    assert_eq!(proxy["name"], "tracecar-proxy");
+    assert_eq!(env(proxy, "TRACECAR_EXPORT_REQUIRED"), Some("false"));
+    assert_eq!(proxy["volumeMounts"][0]["name"], "tracecar-otlp-tls");
+    assert_eq!(
+        injected["spec"]["volumes"][1],
+        serde_json::json!({"name": "tracecar-otlp-tls",
+            "secret": {"secretName": "otel-tls", "optional": true}})
+    );
+    let (back, err, code) = run(&["inject", "--uninject"], &out, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let back: Value = serde_json::from_str(&back).unwrap();
+    assert_eq!(back, pod);
 }
 
 #[test]

@@ -74,6 +74,40 @@ async fn malformed_reviews_get_400_with_a_reason() {
 }
 
 #[tokio::test]
+async fn patch_is_a_base64_string_holding_a_json_patch_that_applies() {
+    let (pki, _dir, s) = common::start_default().await;
+    let pod = plain_pod();
+    let r = Client::new(&pki)
+        .post(
+            s.addr,
+            "/inject",
+            serde_json::to_vec(&common::review(&pod, "b64")).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let resp = &v["response"];
+    assert_eq!(resp["allowed"], true);
+    assert_eq!(resp["patchType"], "JSONPatch");
+    // The API documents `patch` as base64-encoded bytes (Go `[]byte`).
+    let text = resp["patch"]
+        .as_str()
+        .unwrap_or_else(|| panic!("patch is not a string: {}", resp["patch"]));
+    let bytes = base64::Engine::decode(&base64::prelude::BASE64_STANDARD, text)
+        .unwrap_or_else(|e| panic!("patch is not base64 ({e}): {text}"));
+    let patch: json_patch::Patch = serde_json::from_slice(&bytes).unwrap();
+    let mut doc = pod.clone();
+    json_patch::patch(&mut doc, &patch).unwrap();
+    assert_eq!(
+        doc["metadata"]["annotations"]["tracecar.dev/status"],
+        "injected"
+    );
+    assert_eq!(doc["spec"]["initContainers"][1]["name"], "tracecar-proxy");
+    s.shutdown().await;
+}
+
+#[tokio::test]
 async fn bodies_over_4_mib_get_413() {
     let (pki, _dir, s) = common::start_default().await;
     let c = Client::new(&pki);

@@ -784,6 +784,178 @@ async fn export_not_required_serves_traffic_and_reports_failure_until_the_materi
     );
 }
 
+/// Where the injector mounts the collector TLS Secret in the proxy (injector/src/patch.rs).
+const INJECTED_TLS_MOUNT: &str = "/var/run/secrets/tracecar/otlp";
+
+/// The proxy's environment exactly as `tracecar-injector inject` writes it, as the kubelet would
+/// resolve it: downward-API fields get this pod's values, and the Secret's mount path is
+/// `secret_dir`. Also returns the injected proxy container, to check how it is run.
+fn injected_proxy_env(
+    flags: &[&str],
+    secret_dir: &std::path::Path,
+) -> (Vec<(String, String)>, serde_json::Value) {
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "shop-7d9f", "namespace": "shop", "uid": "u-1"},
+        "spec": {"containers": [{"name": "app", "image": "ghcr.io/example/app:1"}]}
+    });
+    let mut child = std::process::Command::new(tracecar_tests::injector_bin())
+        .arg("inject")
+        .args(flags)
+        .env_clear()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn tracecar-injector");
+    std::io::Write::write_all(
+        &mut child.stdin.take().expect("stdin"),
+        pod.to_string().as_bytes(),
+    )
+    .expect("write pod");
+    let out = child.wait_with_output().expect("inject");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let injected: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON out");
+    // The volume may be missing: the pod must be created and started anyway.
+    let volume = injected["spec"]["volumes"]
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "tracecar-otlp-tls"))
+        .unwrap_or_else(|| panic!("no Secret volume: {injected}"));
+    assert_eq!(volume["secret"]["optional"], true, "{volume}");
+    let proxy = injected["spec"]["initContainers"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["name"] == "tracecar-proxy"))
+        .unwrap_or_else(|| panic!("no tracecar-proxy init container: {injected}"))
+        .clone();
+    let field = |path: &str| match path {
+        "metadata.name" => "shop-7d9f",
+        "metadata.uid" => "u-1",
+        "metadata.namespace" => "shop",
+        "spec.nodeName" => "node-1",
+        other => panic!("unexpected downward API field {other}"),
+    };
+    let mount = secret_dir.display().to_string();
+    let env = proxy["env"]
+        .as_array()
+        .expect("proxy env")
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().expect("env name").to_owned();
+            let value = match e["value"].as_str() {
+                Some(v) => v.replace(INJECTED_TLS_MOUNT, &mount),
+                None => field(
+                    e["valueFrom"]["fieldRef"]["fieldPath"]
+                        .as_str()
+                        .unwrap_or_else(|| panic!("unexpected env entry {e}")),
+                )
+                .to_owned(),
+            };
+            (name, value)
+        })
+        .collect();
+    (env, proxy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_proxy_with_the_secret_missing_serves_the_app_then_exports_when_it_appears() {
+    let ca = Ca::new("collector-ca");
+    let clients = Ca::new("client-ca");
+    let sink = Sink::start_on(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(mtls_server_config(&ca.server(&[]), &clients)),
+    )
+    .await;
+    let app = App::start().await;
+    // The optional Secret volume of a pod whose Secret does not exist yet: mounted, empty.
+    let secret_dir = tmp("injected-missing-secret");
+    let endpoint = format!("https://127.0.0.1:{}", sink.addr.port());
+    let (mut env, proxy) = injected_proxy_env(
+        &[
+            "--collector-tls-secret",
+            "otel-client-tls",
+            "--collector-endpoint",
+            &endpoint,
+        ],
+        &secret_dir,
+    );
+    // Native sidecar: the app's containers start once this probe passes.
+    assert_eq!(proxy["restartPolicy"], "Always", "{proxy}");
+    assert_eq!(
+        proxy["startupProbe"]["httpGet"]["path"], "/ready",
+        "{proxy}"
+    );
+    for var in [
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+    ] {
+        let (_, v) = env.iter().find(|(k, _)| k == var).expect(var);
+        assert!(
+            v.starts_with(&secret_dir.display().to_string()),
+            "{var}={v}"
+        );
+    }
+    // What the test adds: no iptables here, so inbound traffic goes to the app by address;
+    // fast batching. Listener addresses come from ProxyProcess.
+    env.push(("TRACECAR_INBOUND_TARGET".into(), app.addr.to_string()));
+    env.push(("OTEL_BSP_SCHEDULE_DELAY".into(), "50".into()));
+
+    // Waits for /ready (the startupProbe's path); panics if the proxy exits.
+    let proxy = ProxyProcess::spawn(&env);
+    assert_eq!(
+        get(&format!("http://{}/before", proxy.inbound), &[])
+            .await
+            .0,
+        200,
+        "the app is served while the Secret is missing"
+    );
+    assert_eq!(
+        proxy.metric("tracecar_export_healthy"),
+        Some(0.0),
+        "{}",
+        proxy.metrics()
+    );
+    assert!(
+        wait_until(WAIT, || proxy
+            .metric(r#"tracecar_spans_dropped_total{reason="tls_material"}"#)
+            .is_some_and(|n| n >= 1.0))
+        .await,
+        "{}",
+        proxy.metrics()
+    );
+
+    // The Secret is created: the kubelet fills the volume (`..data` symlink layout).
+    let pair = clients.client("proxy", KeyKind::EcdsaP256Sec1);
+    let _secret = SecretDir::new(secret_dir, &ca.cert_pem, &pair);
+    assert_eq!(
+        get(&format!("http://{}/after", proxy.inbound), &[]).await.0,
+        200
+    );
+    assert!(
+        wait_until(WAIT, || ok_path(&sink, "/after")).await,
+        "span not exported over mTLS once the files appeared: {}",
+        proxy.stderr()
+    );
+    let span = sink
+        .spans()
+        .into_iter()
+        .find(|s| s.attr_str("url.path") == Some("/after"))
+        .expect("span");
+    assert_eq!(span.kind, "SERVER");
+    assert_eq!(span.service_name, "shop-7d9f");
+    assert!(
+        wait_until(WAIT, || proxy.metric("tracecar_export_healthy")
+            == Some(1.0))
+        .await,
+        "{}",
+        proxy.metrics()
+    );
+}
+
 // ---- retry hints: a collector that answers "come back in 2 s" ----
 
 #[derive(Clone, PartialEq, prost::Message)]

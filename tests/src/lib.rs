@@ -60,6 +60,11 @@ pub async fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
     f()
 }
 
+/// The injector binary `cargo build --workspace` produced.
+pub fn injector_bin() -> PathBuf {
+    built_bin("debug", "tracecar-injector")
+}
+
 /// A free loopback port (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
