@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -70,6 +71,38 @@ impl ForwardError {
     }
 }
 
+/// A request body on its way to the peer that says when it has all gone (or was dropped).
+pub struct SentBody {
+    body: Incoming,
+    sent: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl http_body::Body for SentBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            if let Some(sent) = self.sent.take() {
+                let _ = sent.send(());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// How reading a client's request body failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFailure {
@@ -130,8 +163,8 @@ impl tower::Service<Uri> for GuardedConnector {
 pub struct Upstream {
     /// Idle app connections of the HTTP/1.1 path ([`crate::h1`]).
     pub idle: std::sync::Arc<crate::h1::IdlePool>,
-    http1: Client<GuardedConnector, Incoming>,
-    http2: Client<GuardedConnector, Incoming>,
+    http1: Client<GuardedConnector, SentBody>,
+    http2: Client<GuardedConnector, SentBody>,
     response_head_timeout: Option<Duration>,
     /// How long an upgraded connection may go silent.
     stream_idle: Duration,
@@ -191,12 +224,33 @@ impl Upstream {
             Version::HTTP_2 => &self.http2,
             _ => &self.http1,
         };
+        // The response head timeout runs once the request body has gone out (as on the lean
+        // path and in nginx): a slow upload is not a slow app.
+        let (sent_tx, sent) = tokio::sync::oneshot::channel();
+        let req = req.map(|body| {
+            // An empty body may never be polled: it has gone out with the head.
+            let sent = if body.is_end_stream() {
+                let _ = sent_tx.send(());
+                None
+            } else {
+                Some(sent_tx)
+            };
+            SentBody { body, sent }
+        });
         let responded = client.request(req);
         let responded = match self.response_head_timeout {
-            Some(limit) => match tokio::time::timeout(limit, responded).await {
-                Ok(r) => r,
-                Err(_) => return Err((ForwardError::ResponseTimeout(target.to_string()), span)),
-            },
+            Some(limit) => {
+                let timer = async {
+                    let _ = sent.await;
+                    tokio::time::sleep(limit).await;
+                };
+                tokio::select! {
+                    r = responded => r,
+                    () = timer => {
+                        return Err((ForwardError::ResponseTimeout(target.to_string()), span))
+                    }
+                }
+            }
             None => responded.await,
         };
         let mut resp = match responded {

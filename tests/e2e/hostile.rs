@@ -1709,6 +1709,18 @@ cases! {
         ],
         AppWant::Any,
     ).env("TRACECAR_RESPONSE_HEAD_TIMEOUT", "1s");
+    slow_upload_is_not_a_slow_app => case(
+        Inbound, Script::Ok,
+        vec![
+            send(b"POST /slow-up HTTP/1.1\r\nHost: app\r\nContent-Length: 9\r\n\r\nabc"),
+            Step::Sleep(700),
+            send(b"def"),
+            Step::Sleep(700),
+            send(b"ghi"),
+            Step::Resp(resp(&[200]).body(b"ok")),
+        ],
+        AppWant::Reqs(vec![req("POST", b"/slow-up").body(b"abcdefghi")]),
+    ).env("TRACECAR_RESPONSE_HEAD_TIMEOUT", "1s");
     app_body_stalls => case(
         Inbound,
         Script::Reply(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc".to_vec()),
