@@ -431,12 +431,16 @@ fn server_name(data: &[u8]) -> Sni {
     Sni::Absent
 }
 
-/// A plausible DNS name: 1..=253 bytes of letters, digits, `-`, `_` and `.`.
+/// A plausible DNS name: at most 253 bytes of dot-separated labels, each 1..=63 letters,
+/// digits, `-` and `_` (no empty label, so no leading, trailing or doubled dot).
 fn is_dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+    s.len() <= 253
+        && s.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 #[cfg(test)]
@@ -529,8 +533,13 @@ mod tests {
         let hello = hello_with(&[]);
         assert_eq!(classify(&hello), Verdict::Done(tls(None)));
         // A name that is not a DNS name is not reported.
-        let hello = hello_with(&[sni_ext("bad name\0")]);
-        assert_eq!(classify(&hello), Verdict::Done(tls(None)));
+        for bad in ["bad name\0", "", ".", "a..b", ".a", "a.", &"x".repeat(64)] {
+            let hello = hello_with(&[sni_ext(bad)]);
+            assert_eq!(classify(&hello), Verdict::Done(tls(None)), "{bad:?}");
+        }
+        let longest = vec!["x".repeat(63); 4].join(".")[..253].to_string();
+        let hello = hello_with(&[sni_ext(&longest)]);
+        assert_eq!(classify(&hello), Verdict::Done(tls(Some(&longest))));
     }
 
     #[test]
@@ -997,12 +1006,14 @@ mod tests {
         fn check_any(buf: &[u8], cut: prop::sample::Index) -> Result<(), TestCaseError> {
             let whole = classify(buf);
             if let Sni::Found(name) = client_hello_sni(buf) {
+                let label = |l: &str| {
+                    !l.is_empty()
+                        && l.len() <= 63
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+                };
                 prop_assert!(
-                    !name.is_empty()
-                        && name.len() <= 253
-                        && name
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+                    name.len() <= 253 && name.split('.').all(label),
                     "not a host name: {name:?}"
                 );
                 prop_assert!(

@@ -738,4 +738,106 @@ mod tests {
         let r = classify_http(HttpAnswer::Transport, String::new());
         assert_eq!(r.retry, Retry::Backoff);
     }
+
+    /// Property tests: what a collector answers (status details, Retry-After), arbitrary and
+    /// mutated.
+    mod fuzz {
+        use super::*;
+        use crate::fuzzing::{self, mutate, mutations, text};
+        use proptest::prelude::*;
+
+        fn varint(mut v: u64, out: &mut Vec<u8>) {
+            while v >= 0x80 {
+                out.push((v as u8) | 0x80);
+                v >>= 7;
+            }
+            out.push(v as u8);
+        }
+
+        fn bytes_field(field: u64, data: &[u8], out: &mut Vec<u8>) {
+            varint(field << 3 | 2, out);
+            varint(data.len() as u64, out);
+            out.extend_from_slice(data);
+        }
+
+        /// An encoded `google.rpc.Status` whose details hold a RetryInfo of `secs`/`nanos`,
+        /// after `before` other details.
+        fn status(code: u64, secs: u64, nanos: u64, before: &[Vec<u8>]) -> Vec<u8> {
+            let mut duration = Vec::new();
+            varint(1 << 3, &mut duration);
+            varint(secs, &mut duration);
+            varint(2 << 3, &mut duration);
+            varint(nanos, &mut duration);
+            let mut retry = Vec::new();
+            bytes_field(1, &duration, &mut retry);
+            let mut out = Vec::new();
+            varint(1 << 3, &mut out);
+            varint(code, &mut out);
+            bytes_field(2, b"try later", &mut out);
+            for other in before {
+                let mut any = Vec::new();
+                bytes_field(1, b"type.googleapis.com/google.rpc.DebugInfo", &mut any);
+                bytes_field(2, other, &mut any);
+                bytes_field(3, &any, &mut out);
+            }
+            let mut any = Vec::new();
+            bytes_field(1, b"type.googleapis.com/google.rpc.RetryInfo", &mut any);
+            bytes_field(2, &retry, &mut any);
+            bytes_field(3, &any, &mut out);
+            out
+        }
+
+        proptest! {
+            #![proptest_config(fuzzing::config())]
+
+            #[test]
+            fn fuzz_retry_info_valid(
+                code in 0u64..17,
+                secs in any::<u64>(),
+                nanos in 0u64..1_000_000_000,
+                before in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..16), 0..3),
+            ) {
+                let details = status(code, secs, nanos, &before);
+                prop_assert_eq!(retry_info(&details), Some(Duration::new(secs, nanos as u32)));
+            }
+
+            /// Whatever the details hold, reading them never panics, and a delay is only found
+            /// inside a RetryInfo.
+            #[test]
+            fn fuzz_retry_info_arbitrary(
+                details in prop_oneof![
+                    prop::collection::vec(any::<u8>(), 0..128),
+                    (any::<u64>(), any::<u64>(), mutations()).prop_map(|(s, n, m)| {
+                        mutate(&status(14, s, n, &[]), &m, &[&[0x1a], &[0xff; 10], &[0x0a, 0x7f]])
+                    }),
+                ],
+            ) {
+                if retry_info(&details).is_some() {
+                    let name = b"google.rpc.RetryInfo";
+                    prop_assert!(details.windows(name.len()).any(|w| w == name));
+                }
+                let status = tonic::Status::with_details(
+                    tonic::Code::Unavailable,
+                    "down",
+                    bytes::Bytes::from(details),
+                );
+                let _ = classify_grpc(&status);
+            }
+
+            #[test]
+            fn fuzz_retry_after(v in prop_oneof![text(), any::<u64>().prop_map(|n| n.to_string())]) {
+                let mut h = http::HeaderMap::new();
+                if let Ok(value) = http::HeaderValue::from_str(&v) {
+                    h.insert(http::header::RETRY_AFTER, value);
+                    // Only a visible-ASCII value is read (`0\u{a0}`, found by a long run, is
+                    // no hint, though `trim` would make it `0`).
+                    let want = v
+                        .is_ascii()
+                        .then(|| v.trim().parse::<u64>().ok().map(Duration::from_secs))
+                        .flatten();
+                    prop_assert_eq!(retry_after(&h), want);
+                }
+            }
+        }
+    }
 }

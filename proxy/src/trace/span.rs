@@ -56,7 +56,16 @@ const KNOWN_KEYS: [&str; 9] = [
 ];
 
 impl Injector for Injected {
+    /// Keeps a header for the request only when it can be written as one: a token for a name,
+    /// no control character but tab in the value. The lean HTTP/1 path writes these bytes
+    /// as they are, so a line break from a propagator would start a header of the peer's
+    /// choosing; the propagators here never write one (see `propagate`), and this makes sure.
     fn set(&mut self, key: &str, value: String) {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        let field_byte = |b: u8| b == b'\t' || (b >= 0x20 && b != 0x7f);
+        if key.is_empty() || !key.bytes().all(token) || !value.bytes().all(field_byte) {
+            return;
+        }
         let key = match KNOWN_KEYS.iter().find(|k| k.eq_ignore_ascii_case(key)) {
             Some(k) => Cow::Borrowed(*k),
             None => Cow::Owned(key.to_ascii_lowercase()),
@@ -754,6 +763,181 @@ mod tests {
             ":80",
         ] {
             assert_eq!(split_host(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn injected_headers_are_always_writable() {
+        let mut inj = Injected::default();
+        inj.set("baggage", "k=v;a\r\nx-evil: 1".into());
+        inj.set("x bad", "v".into());
+        inj.set("", "v".into());
+        inj.set("tracestate", "a=\u{0}".into());
+        assert!(inj.0.is_empty(), "{:?}", inj.0);
+        inj.set("X-B3-Flags", "1\tobs-text é".into());
+        assert_eq!(
+            inj.0,
+            [(Cow::Owned("x-b3-flags".into()), "1\tobs-text é".into())]
+        );
+    }
+
+    /// Property tests: Host headers and whole requests' context headers, arbitrary and valid.
+    mod fuzz {
+        use super::*;
+        use crate::fuzzing::{self, text};
+        use proptest::prelude::*;
+
+        /// Headers as the lean HTTP/1 path reads them.
+        struct Raw(Vec<(String, String)>);
+
+        impl Extractor for Raw {
+            fn get(&self, key: &str) -> Option<&str> {
+                self.0
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                    .map(|(_, v)| v.as_str())
+            }
+            fn keys(&self) -> Vec<&str> {
+                self.0.iter().map(|(k, _)| k.as_str()).collect()
+            }
+        }
+
+        /// One telemetry per test thread: every format, nothing exported.
+        fn all_formats() -> Arc<Telemetry> {
+            thread_local! {
+                static T: Arc<Telemetry> = {
+                    let argv = [
+                        "t",
+                        "--traces-exporter",
+                        "none",
+                        "--propagators",
+                        "tracecontext,baggage,b3,b3multi,jaeger",
+                    ];
+                    let cfg = Cli::try_parse_from(argv).expect("flags").run.into_config();
+                    let cfg = cfg.expect("config");
+                    let t = Telemetry::new(&cfg, Sink::FromConfig, Arc::new(Metrics::new()));
+                    Arc::new(t.expect("telemetry"))
+                };
+            }
+            T.with(Arc::clone)
+        }
+
+        const NAMES: &[&str] = &[
+            "traceparent",
+            "tracestate",
+            "baggage",
+            "b3",
+            "x-b3-traceid",
+            "x-b3-spanid",
+            "x-b3-sampled",
+            "x-b3-flags",
+            "uber-trace-id",
+            "uberctx-k",
+            "host",
+            "user-agent",
+        ];
+
+        fn value() -> impl Strategy<Value = String> {
+            let ch = prop_oneof![
+                prop::sample::select(
+                    &['\t', '-', ',', '=', ';', ':', '%', ' ', '0', 'f', 'D', 'A'][..]
+                ),
+                proptest::char::range(' ', '~'),
+                proptest::char::range('\u{80}', '\u{10ffff}'),
+            ];
+            prop_oneof![
+                prop::collection::vec(ch, 0..64).prop_map(String::from_iter),
+                "00-[0-9a-f]{32}-[0-9a-f]{16}-0[0-3]",
+                "[a-z]{1,5}=[a-zA-Z0-9%;=]{0,12}(,[a-z]{1,5}=[a-zA-Z0-9%;=]{0,12}){0,3}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(fuzzing::config())]
+
+            /// `split_host` never panics, and what it returns is a host from the header.
+            #[test]
+            fn fuzz_split_host(h in text()) {
+                if let Some((host, port)) = split_host(&h) {
+                    prop_assert!(!host.is_empty() && h.contains(host), "{h:?}");
+                    prop_assert!(host.chars().all(|c| c.is_ascii_alphanumeric() || ".-_:%".contains(c)));
+                    if let Some(p) = port {
+                        let written = h.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok());
+                        prop_assert_eq!(written, Some(p), "{:?}", h);
+                    }
+                }
+            }
+
+            #[test]
+            fn fuzz_split_host_round_trip(
+                host in "[a-z0-9][a-z0-9.-]{0,30}",
+                v6 in any::<std::net::Ipv6Addr>(),
+                ipv6 in any::<bool>(),
+                port in prop::option::of(any::<u16>()),
+            ) {
+                let v6 = v6.to_string();
+                let (written, want) = if ipv6 {
+                    (format!("[{v6}]"), v6.as_str())
+                } else {
+                    (host.clone(), host.as_str())
+                };
+                let h = match port {
+                    Some(p) => format!("{written}:{p}"),
+                    None => written,
+                };
+                prop_assert_eq!(split_host(&h), Some((want, port)));
+            }
+
+            /// Arbitrary context headers through a real span start, both directions: what is
+            /// written for the next hop is always a valid header, and a valid traceparent is
+            /// continued.
+            #[test]
+            fn fuzz_span_start_over_arbitrary_headers(
+                headers in prop::collection::vec(
+                    (prop::sample::select(NAMES).prop_map(String::from), value()),
+                    0..8,
+                ),
+                inbound in any::<bool>(),
+            ) {
+                let t = all_formats();
+                let raw = Raw(headers);
+                let host = raw.get("host");
+                let info = RequestInfo { host, user_agent: raw.get("user-agent"), ..info() };
+                let mut injected = Injected::default();
+                let span = if inbound {
+                    t.server_span_with(info, &raw, &mut injected)
+                } else {
+                    t.client_span_with(info, &raw, &mut injected)
+                };
+                for (k, v) in &injected.0 {
+                    prop_assert!(
+                        v.bytes().all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f)),
+                        "{k}: {v:?}"
+                    );
+                }
+                prop_assert!(injected.replaces("traceparent"), "{:?}", injected.0);
+                let tp = raw.get("traceparent").unwrap_or_default();
+                let parent = SpanContext::new(
+                    opentelemetry::trace::TraceId::from_hex(tp.get(3..35).unwrap_or("x"))
+                        .unwrap_or(opentelemetry::trace::TraceId::INVALID),
+                    SpanId::from_hex(tp.get(36..52).unwrap_or("x")).unwrap_or(SpanId::INVALID),
+                    TraceFlags::default(),
+                    true,
+                    Default::default(),
+                );
+                let valid_w3c = tp.len() == 55 && tp.starts_with("00-") && parent.is_valid()
+                    && tp.bytes().all(|b| b == b'-' || matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+                // (The other formats are read after tracecontext and would win.)
+                let others = ["b3", "x-b3-traceid", "uber-trace-id"].iter().any(|h| raw.get(h).is_some());
+                if valid_w3c && !others {
+                    prop_assert_eq!(span.span_context().trace_id(), parent.trace_id());
+                }
+                // Everything written also goes into a HeaderMap (nothing silently dropped there).
+                let n = injected.0.len();
+                let mut map = HeaderMap::new();
+                injected.apply(&mut map);
+                prop_assert_eq!(map.len(), n);
+            }
         }
     }
 }
