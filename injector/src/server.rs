@@ -33,6 +33,9 @@ use crate::decide::{decide, Decision, Reason};
 use crate::metrics::Metrics;
 use crate::tls::{self, CertFiles, ReloadingResolver, TlsError};
 
+/// How long a request head, or a whole request and its answer, may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Largest accepted request body (the API server sends at most ~3 MiB objects).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 
@@ -169,7 +172,13 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // A client that sends its head slowly, or nothing, is dropped (the API server's webhook
+    // timeout is at most 30 s anyway); a request must be answered within the same bound.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT);
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -202,7 +211,15 @@ pub async fn serve(
             };
             let svc = service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, req).await) }
+                async move {
+                    let answer = tokio::time::timeout(REQUEST_TIMEOUT, handle(&state, req)).await;
+                    Ok::<_, Infallible>(answer.unwrap_or_else(|_| {
+                        text(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "request not received in time\n",
+                        )
+                    }))
+                }
             });
             let conn = builder
                 .serve_connection(TokioIo::new(stream), svc)

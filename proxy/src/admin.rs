@@ -52,6 +52,9 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
     resp
 }
 
+/// How long an admin connection may stay silent or take to send a request head.
+const ADMIN_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Serves until `shutdown` flips.
 pub async fn run(
     listener: TcpListener,
@@ -61,16 +64,25 @@ pub async fn run(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
                 let state = state.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let resp = respond(&state, &req);
                         async move { Ok::<_, Infallible>(resp) }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    // Probes and scrapes are quick: a connection silent this long is dropped.
+                    let io = crate::idle::IdleIo::fixed(stream, ADMIN_IDLE);
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    builder
+                        .http1()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(ADMIN_IDLE);
+                    let _ = builder.serve_connection(TokioIo::new(io), svc).await;
                 });
             }
             _ = shutdown.changed() => return,
