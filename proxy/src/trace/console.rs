@@ -37,6 +37,17 @@ pub fn span_json(
         Status::Ok => ("OK", String::new()),
         Status::Error { description } => ("ERROR", description.to_string()),
     };
+    // Links name other spans (an ambiguous CLIENT span's candidate parents).
+    let links: Vec<serde_json::Value> = span
+        .links
+        .iter()
+        .map(|l| {
+            json!({
+                "trace_id": l.span_context.trace_id().to_string(),
+                "span_id": l.span_context.span_id().to_string(),
+            })
+        })
+        .collect();
     let start = nanos(span.start_time);
     let end = nanos(span.end_time);
     json!({
@@ -50,6 +61,7 @@ pub fn span_json(
         "end_time_unix_nano": end,
         "duration_ms": end.saturating_sub(start) as f64 / 1e6,
         "attributes": attributes,
+        "links": links,
         "status": { "code": status, "message": message },
         "resource": resource,
     })
