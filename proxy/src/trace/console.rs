@@ -110,3 +110,40 @@ impl SpanExporter for ConsoleExporter {
             .unwrap_or_default();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::encode::{Batch, SpanWriter};
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+
+    #[test]
+    fn links_are_printed() {
+        let sc = |n: u64| {
+            SpanContext::new(
+                TraceId::from(n as u128),
+                SpanId::from(n),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            )
+        };
+        let now = std::time::SystemTime::now();
+        let mut w = SpanWriter::start(&sc(1), &SpanContext::NONE, SpanKind::Client, "GET", now);
+        w.str("tracecar.correlation", "ambiguous");
+        w.link(&sc(2));
+        w.link(&sc(3));
+        let mut batch = Batch::default();
+        batch.push_encoded(&w.finish(now, None));
+        let spans = batch.to_span_data();
+        let json = span_json(&spans[0], "svc", &Map::new());
+        assert_eq!(json["parent_span_id"], "");
+        assert_eq!(
+            json["links"],
+            json!([
+                {"trace_id": "00000000000000000000000000000002", "span_id": "0000000000000002"},
+                {"trace_id": "00000000000000000000000000000003", "span_id": "0000000000000003"},
+            ])
+        );
+    }
+}

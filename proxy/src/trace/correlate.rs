@@ -32,6 +32,9 @@ use crate::config::Correlation;
 pub const MAX_LINKS: usize = 8;
 
 /// How an outbound request without trace context was tied to the inbound requests.
+// Large on purpose: it lives on the stack for one span start, where a `Box` would be an
+// allocation per ambiguous request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Correlated {
     /// Not tied: nothing in flight (or correlation off). A root span without the attribute.
