@@ -67,6 +67,7 @@ fn info() -> RequestInfo<'static> {
         client_address: Some("10.1.2.3"),
         host: None,
         user_agent: None,
+        app_socket: None,
     }
 }
 

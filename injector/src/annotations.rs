@@ -114,7 +114,7 @@ pub mod accepted {
     pub const CIDRS: &str = "a comma-separated list of IPv4/IPv6 CIDRs (e.g. 10.0.0.0/8, fd00::/8)";
     pub const CAPTURE: &str = "iptables, http-proxy";
     pub const SIDECAR_MODE: &str = "native, container";
-    pub const CORRELATION: &str = "off, inflight";
+    pub const CORRELATION: &str = "causal, inflight, off";
     pub const ENDPOINT: &str = "an http:// or https:// URL with a host";
     pub const PROTOCOL: &str = "grpc, http/protobuf";
     pub const QUANTITY: &str = "a Kubernetes quantity (e.g. 10m, 0.5, 64Mi, 1G)";
@@ -237,8 +237,9 @@ pub fn parse_sidecar_mode(s: &str) -> Result<SidecarMode, &'static str> {
 
 pub fn parse_correlation(s: &str) -> Result<&'static str, &'static str> {
     match s.trim() {
-        "off" => Ok("off"),
+        "causal" => Ok("causal"),
         "inflight" => Ok("inflight"),
+        "off" => Ok("off"),
         _ => Err(accepted::CORRELATION),
     }
 }
@@ -713,5 +714,15 @@ mod tests {
         assert!(parse_image("ghcr.io/a/b:1.0").is_ok());
         assert!(parse_image("bad image").is_err());
         assert!(parse_domain("Cluster.Local").is_err());
+    }
+
+    #[test]
+    fn correlation_policies() {
+        for ok in ["causal", "inflight", "off", " causal "] {
+            assert_eq!(parse_correlation(ok), Ok(ok.trim()));
+        }
+        for bad in ["", "always", "Causal", "sole"] {
+            assert_eq!(parse_correlation(bad), Err(accepted::CORRELATION), "{bad}");
+        }
     }
 }

@@ -126,8 +126,8 @@ pub struct DefaultsArgs {
     /// Outbound CIDRs not redirected to the proxy.
     #[arg(long, env = "TRACECAR_SKIP_OUTBOUND_CIDRS", default_value = "")]
     pub skip_outbound_cidrs: String,
-    /// off or inflight.
-    #[arg(long, env = "TRACECAR_CORRELATION", default_value = "inflight")]
+    /// causal, inflight or off.
+    #[arg(long, env = "TRACECAR_CORRELATION", default_value = "causal")]
     pub correlation: String,
     /// The proxy's log level: trace, debug, info, warn, error.
     #[arg(long, env = "TRACECAR_PROXY_LOG_LEVEL", default_value = "info")]
@@ -450,6 +450,7 @@ mod tests {
     fn builtin_defaults_are_valid() {
         let d = DefaultsArgs::parse_from_defaults().validate().unwrap();
         assert_eq!(d.propagators, "tracecontext,baggage");
+        assert_eq!(d.correlation, "causal", "the proxy's default policy");
         assert_eq!(d.memory_limit.unwrap().text, "64Mi");
         assert!(d.cpu_limit.is_none());
     }

@@ -39,8 +39,9 @@ pub struct RunArgs {
     /// Where inbound traffic goes when it was not redirected by iptables, e.g. 127.0.0.1:8080.
     #[arg(long, env = "TRACECAR_INBOUND_TARGET")]
     pub inbound_target: Option<String>,
-    /// How outbound requests without trace context are tied to inbound ones: off, inflight.
-    #[arg(long, env = "TRACECAR_CORRELATION", default_value = "inflight")]
+    /// How outbound requests without trace context are tied to inbound ones: causal, inflight,
+    /// off.
+    #[arg(long, env = "TRACECAR_CORRELATION", default_value = "causal")]
     pub correlation: String,
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "TRACECAR_LOG", default_value = "info")]
@@ -199,7 +200,10 @@ pub struct RunArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Correlation {
     Off,
-    /// Parent them on the newest inbound request still in flight.
+    /// Parent them only when the cause is certain: the preload library's table, else the only
+    /// inbound request in flight; several in flight: a root span linked to them.
+    Causal,
+    /// Also guess: the newest inbound request still in flight.
     Inflight,
 }
 
@@ -530,14 +534,15 @@ impl RunArgs {
             }
         };
         let correlation = match self.correlation.trim() {
-            "off" => Correlation::Off,
+            "causal" => Correlation::Causal,
             "inflight" => Correlation::Inflight,
+            "off" => Correlation::Off,
             v => {
                 return Err(err(
                     "TRACECAR_CORRELATION",
                     "correlation",
                     v,
-                    "off or inflight",
+                    "causal, inflight or off",
                 ))
             }
         };
@@ -949,7 +954,7 @@ mod tests {
         assert_eq!(c.inbound_listen.to_string(), "0.0.0.0:15143");
         assert_eq!(c.outbound_listen.to_string(), "127.0.0.1:15140");
         assert_eq!(c.admin_listen.to_string(), "0.0.0.0:15190");
-        assert_eq!(c.correlation, Correlation::Inflight);
+        assert_eq!(c.correlation, Correlation::Causal);
         assert_eq!(
             c.propagators,
             vec![Propagator::TraceContext, Propagator::Baggage]
@@ -975,7 +980,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("TRACECAR_CORRELATION") && e.contains("sometimes") && e.contains("inflight"),
+            e.contains("TRACECAR_CORRELATION")
+                && e.contains("sometimes")
+                && e.contains("causal, inflight or off"),
             "{e}"
         );
         let e = parse(&["--sampler", "traceidratio", "--sampler-arg", "1.5"])
@@ -1141,7 +1148,11 @@ mod tests {
                     inbound_target,
                     ["127.0.0.1:8080", "app:80"]
                 ),
-                field!("TRACECAR_CORRELATION", correlation, ["off", "inflight"]),
+                field!(
+                    "TRACECAR_CORRELATION",
+                    correlation,
+                    ["causal", "inflight", "off"]
+                ),
                 field!("TRACECAR_LOG", log, ["info", "tracecar_proxy=debug,warn"]),
                 field!(
                     "TRACECAR_DRAIN_TIMEOUT",

@@ -99,7 +99,7 @@ fn proxy_config(service: &str, inbound_target: SocketAddr) -> anyhow::Result<Con
     args.outbound_listen = "127.0.0.1:0".into();
     args.admin_listen = "127.0.0.1:0".into();
     args.inbound_target = Some(inbound_target.to_string());
-    args.correlation = "inflight".into();
+    args.correlation = "causal".into();
     args.log = "warn".into();
     args.drain_timeout = "2s".into();
     args.service_name = Some(service.into());
@@ -347,11 +347,9 @@ fn print_span(
     let error = attr(s, "error.type")
         .map(|v| format!(" error.type={v}"))
         .unwrap_or_default();
-    let inferred = if attr(s, "tracecar.correlation").is_some() {
-        " (linked by in-flight correlation)"
-    } else {
-        ""
-    };
+    let inferred = attr(s, "tracecar.correlation")
+        .map(|how| format!(" (linked by correlation: {how})"))
+        .unwrap_or_default();
     let indent = if depth == 0 {
         String::new()
     } else {

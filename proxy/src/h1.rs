@@ -481,6 +481,7 @@ fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) 
         client_address: conn.peer_ip.as_deref(),
         host: uri_authority.or(host),
         user_agent,
+        app_socket: conn.app_socket,
     };
     injected.0.clear();
     let extractor = RawHeaders(req.headers);
@@ -1675,6 +1676,7 @@ pub(crate) mod tests {
                 }),
                 target: target.map(Into::into),
                 peer_ip: None,
+                app_socket: None,
             }
         }
 

@@ -48,6 +48,8 @@ pub struct Conn {
     /// The peer's address as text for inbound spans' `client.address`, made once per
     /// connection; `None` on the outbound listener, whose spans do not carry it.
     pub peer_ip: Option<Box<str>>,
+    /// The app's end of an outbound connection, for correlation; `None` inbound.
+    pub app_socket: Option<std::net::SocketAddr>,
 }
 
 /// Serves HTTP/1 and HTTP/2 on `stream` until it closes or shutdown asks it to: plain HTTP/1.1
@@ -376,6 +378,7 @@ impl Conn {
             client_address: self.peer_ip.as_deref(),
             host: None,
             user_agent: None,
+            app_socket: self.app_socket,
         };
         let mut span = match shared.direction {
             Direction::Inbound => shared.telemetry.server_span(info, &mut parts.headers),
@@ -443,6 +446,7 @@ impl Conn {
             client_address: None,
             host: None,
             user_agent: None,
+            app_socket: self.app_socket,
         };
         let mut span = shared.telemetry.client_span(info, req.headers_mut());
         let connected = connect_tcp(&target_of(&host, port), shared.connect_timeout)
@@ -502,6 +506,7 @@ impl Conn {
             client_address: self.peer_ip.as_deref(),
             host: None,
             user_agent: None,
+            app_socket: self.app_socket,
         };
         let mut span = match shared.direction {
             Direction::Inbound => shared.telemetry.server_span(info, req.headers_mut()),

@@ -203,7 +203,7 @@ async fn handle(
         Some(dst) => match detect(&stream, cfg.detect_timeout).await {
             Protocol::Http1 => (Some(dst.to_string().into()), false),
             Protocol::Http2 => (Some(dst.to_string().into()), true),
-            other => return pass_through(stream, dst, other, &shared).await,
+            other => return pass_through(stream, peer, dst, other, &shared).await,
         },
     };
     shared
@@ -212,6 +212,7 @@ async fn handle(
         .connection(shared.direction, "http");
     let conn = Conn {
         peer_ip: (shared.direction == Direction::Inbound).then(|| peer.ip().to_string().into()),
+        app_socket: (shared.direction == Direction::Outbound).then_some(peer),
         shared,
         target,
     };
@@ -219,13 +220,19 @@ async fn handle(
 }
 
 /// A redirected connection that is not HTTP: TLS or anything else, forwarded byte for byte.
-async fn pass_through(stream: TcpStream, dst: SocketAddr, protocol: Protocol, shared: &Shared) {
+async fn pass_through(
+    stream: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    protocol: Protocol,
+    shared: &Shared,
+) {
     match protocol {
         Protocol::Tls { sni } => {
             shared.telemetry.metrics.connection(shared.direction, "tls");
             // Outbound TLS gets one CLIENT span per connection; inbound TLS is the app's own.
             let span = (shared.direction == Direction::Outbound)
-                .then(|| shared.telemetry.tls_span(sni.as_deref(), dst));
+                .then(|| shared.telemetry.tls_span(sni.as_deref(), dst, Some(peer)));
             splice(stream, dst, span, shared.connect_timeout).await;
         }
         // (HTTP is served, never passed here.)

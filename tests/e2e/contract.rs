@@ -170,7 +170,7 @@ fn demo_prints_connected_traces() {
         "{stdout}"
     );
     assert_eq!(
-        stdout.matches("(linked by in-flight correlation)").count(),
+        stdout.matches("(linked by correlation: sole)").count(),
         4,
         "{stdout}"
     );

@@ -158,7 +158,8 @@ async fn calls_of_an_app_that_forwards_no_headers_join_the_inbound_trace() {
     let client = only(&spans, "CLIENT");
     assert_eq!(client.trace_id, server.trace_id);
     assert_eq!(client.parent_span_id, server.span_id);
-    assert_eq!(client.attr_str("tracecar.correlation"), Some("inflight"));
+    // One request in flight: the parent is certain.
+    assert_eq!(client.attr_str("tracecar.correlation"), Some("sole"));
     let seen = backend.last("/stock").unwrap();
     assert_eq!(
         parent_of(seen.headers["traceparent"].to_str().unwrap()).1,
@@ -507,7 +508,7 @@ async fn collector_down_never_touches_app_traffic() {
 #[test]
 fn invalid_settings_stop_start_up_with_one_clear_line() {
     for (var, value, expect) in [
-        ("TRACECAR_CORRELATION", "maybe", "off or inflight"),
+        ("TRACECAR_CORRELATION", "maybe", "causal, inflight or off"),
         ("OTEL_TRACES_SAMPLER", "sometimes", "always_on"),
         (
             "OTEL_EXPORTER_OTLP_PROTOCOL",

@@ -34,9 +34,21 @@ pub struct RecvSpan {
     pub status: String,
     /// The sampled flag and the rest of the W3C flags.
     pub flags: u32,
+    /// Span links (`Span.links`), as sent.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<RecvLink>,
     /// Attribute keys sent more than once (OTLP requires unique keys; `spans` refuses these).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub repeated_keys: Vec<String>,
+}
+
+/// One span link of a received span.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecvLink {
+    pub trace_id: String,
+    pub span_id: String,
+    pub trace_state: String,
+    pub flags: u32,
 }
 
 impl RecvSpan {
@@ -115,6 +127,16 @@ pub fn flatten(req: &ExportTraceServiceRequest) -> Vec<RecvSpan> {
                     attributes: kv_map(&s.attributes),
                     status: status.to_string(),
                     flags: s.flags,
+                    links: s
+                        .links
+                        .iter()
+                        .map(|l| RecvLink {
+                            trace_id: hex(&l.trace_id),
+                            span_id: hex(&l.span_id),
+                            trace_state: l.trace_state.clone(),
+                            flags: l.flags,
+                        })
+                        .collect(),
                     repeated_keys: repeated(&s.attributes),
                 });
             }

@@ -587,7 +587,7 @@ run_check() { # description, check args...
   run_check "image defaults: ghcr.io/tracecar-dev/tracecar-{injector,proxy,init}:appVersion" images "$tmp/default.yaml" "$(awk -F'"' '/^appVersion:/{print $2}' "$chart/Chart.yaml")"
   run_check "default flags to the injector" args "$tmp/default.yaml" sidecar-mode=native capture=iptables \
     collector-protocol=grpc collector-tls-secret=tracecar-otlp-client propagators=tracecontext,baggage \
-    sampling-ratio=1 correlation=inflight log-level=info proxy-cpu-limit=! skip-inbound-ports=! cluster-domain=cluster.local
+    sampling-ratio=1 correlation=causal log-level=info proxy-cpu-limit=! skip-inbound-ports=! cluster-domain=cluster.local
 }
 [ -s "$tmp/cert-manager.yaml" ] && {
   run_check "cert-manager: chart CA Issuer, Certificate fills the mounted Secret, inject-ca-from, no caBundle" certs_manager "$tmp/cert-manager.yaml"

@@ -37,6 +37,17 @@ pub fn span_json(
         Status::Ok => ("OK", String::new()),
         Status::Error { description } => ("ERROR", description.to_string()),
     };
+    // Links name other spans (an ambiguous CLIENT span's candidate parents).
+    let links: Vec<serde_json::Value> = span
+        .links
+        .iter()
+        .map(|l| {
+            json!({
+                "trace_id": l.span_context.trace_id().to_string(),
+                "span_id": l.span_context.span_id().to_string(),
+            })
+        })
+        .collect();
     let start = nanos(span.start_time);
     let end = nanos(span.end_time);
     json!({
@@ -50,6 +61,7 @@ pub fn span_json(
         "end_time_unix_nano": end,
         "duration_ms": end.saturating_sub(start) as f64 / 1e6,
         "attributes": attributes,
+        "links": links,
         "status": { "code": status, "message": message },
         "resource": resource,
     })
@@ -96,5 +108,42 @@ impl SpanExporter for ConsoleExporter {
             .get(&opentelemetry::Key::from_static_str("service.name"))
             .map(|v| v.to_string())
             .unwrap_or_default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::encode::{Batch, SpanWriter};
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+
+    #[test]
+    fn links_are_printed() {
+        let sc = |n: u64| {
+            SpanContext::new(
+                TraceId::from(n as u128),
+                SpanId::from(n),
+                TraceFlags::SAMPLED,
+                false,
+                TraceState::default(),
+            )
+        };
+        let now = std::time::SystemTime::now();
+        let mut w = SpanWriter::start(&sc(1), &SpanContext::NONE, SpanKind::Client, "GET", now);
+        w.str("tracecar.correlation", "ambiguous");
+        w.link(&sc(2));
+        w.link(&sc(3));
+        let mut batch = Batch::default();
+        batch.push_encoded(&w.finish(now, None));
+        let spans = batch.to_span_data();
+        let json = span_json(&spans[0], "svc", &Map::new());
+        assert_eq!(json["parent_span_id"], "");
+        assert_eq!(
+            json["links"],
+            json!([
+                {"trace_id": "00000000000000000000000000000002", "span_id": "0000000000000002"},
+                {"trace_id": "00000000000000000000000000000003", "span_id": "0000000000000003"},
+            ])
+        );
     }
 }

@@ -1,15 +1,153 @@
 //! Correlation of outbound requests that carry no trace context with the inbound request that
-//! most likely caused them (`TRACECAR_CORRELATION=inflight`).
+//! caused them (`TRACECAR_CORRELATION`).
 //!
 //! Apps that don't forward trace headers still make their calls while serving a request. The
-//! proxy sees both sides, so it parents such an outbound call on the newest inbound request still
-//! in flight. That is exact for apps that serve one request at a time and a best guess under
-//! concurrency; spans linked this way carry `tracecar.correlation=inflight`.
+//! proxy sees both sides, but not which inbound request a call belongs to, and a wrong parent
+//! misleads more than a missing one. So the proxy says how it decided, in
+//! `tracecar.correlation`:
+//!
+//! - `causal` (the default policy): first the preload library's table, which names the exact
+//!   cause ([`Correlator::causal_parent`], not yet written: it answers `None`). Without an entry,
+//!   a parent only when it is certain: exactly one inbound request in flight → its child,
+//!   `sole`. Several in flight → no parent: the CLIENT span starts a trace of its own, with span
+//!   links to the newest [`MAX_LINKS`] of them, `ambiguous`. None in flight → a root span
+//!   without the attribute.
+//! - `inflight`: the old guess, the newest inbound request in flight, `inflight` (`sole` when it
+//!   is the only one). Under concurrency many of these guesses are wrong (a third to four fifths
+//!   with 8 concurrent clients in `tests/e2e/correlation.rs`), and nothing says which.
+//! - `off`: no correlation; the table is not kept at all.
+//!
+//! The in-flight table is shared by the workers: a ring under a short lock, read once per
+//! outbound request without context: the count and the newest few contexts are copied onto the
+//! stack (an allocation only for a context that carries `tracestate`). Requests that carry
+//! context, and `off`, never read it.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use opentelemetry::trace::SpanContext;
+
+use crate::config::Correlation;
+
+/// Span links an ambiguous CLIENT span carries at most: the newest candidates. Enough for the
+/// concurrency of most apps, and a bound on what one span costs to write and to store.
+pub const MAX_LINKS: usize = 8;
+
+/// How an outbound request without trace context was tied to the inbound requests.
+// Large on purpose: it lives on the stack for one span start, where a `Box` would be an
+// allocation per ambiguous request.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Correlated {
+    /// Not tied: nothing in flight (or correlation off). A root span without the attribute.
+    None,
+    /// A child of `parent`; `how` is the `tracecar.correlation` value (`causal`, `sole`,
+    /// `inflight`).
+    Parent {
+        parent: SpanContext,
+        how: &'static str,
+    },
+    /// Several candidates and no certainty: a root span linked to the newest of them
+    /// (`tracecar.correlation=ambiguous`).
+    Ambiguous(Candidates),
+}
+
+/// The inbound requests in flight when an outbound one started: how many, and the newest few.
+#[derive(Debug)]
+pub struct Candidates {
+    count: usize,
+    /// Newest first; the first `len` are `Some`. On the stack, so reading it allocates nothing.
+    newest: [Option<SpanContext>; MAX_LINKS],
+    len: usize,
+}
+
+impl Candidates {
+    /// Inbound requests in flight.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The newest of them, newest first ([`MAX_LINKS`] at most).
+    pub fn newest(&self) -> impl Iterator<Item = &SpanContext> {
+        self.newest[..self.len].iter().flatten()
+    }
+
+    fn into_newest(mut self) -> Option<SpanContext> {
+        self.newest[0].take()
+    }
+}
+
+/// Applies a [`Correlation`] policy to the in-flight table.
+#[derive(Debug)]
+pub struct Correlator {
+    policy: Correlation,
+    inflight: Arc<Inflight>,
+}
+
+impl Correlator {
+    /// `None` for `off`: no table is kept and nothing is looked up.
+    pub fn new(policy: Correlation) -> Option<Correlator> {
+        (policy != Correlation::Off).then(|| Correlator {
+            policy,
+            inflight: Arc::default(),
+        })
+    }
+
+    /// The table inbound requests enter while in flight.
+    pub fn inflight(&self) -> &Arc<Inflight> {
+        &self.inflight
+    }
+
+    /// Ties an outbound request (or TLS connection) without trace context to its cause.
+    /// `app_socket` is the app's end of the outbound connection, as the proxy sees its peer.
+    pub fn correlate(&self, app_socket: Option<SocketAddr>) -> Correlated {
+        match self.policy {
+            Correlation::Off => Correlated::None,
+            Correlation::Causal => {
+                if let Some(parent) = self.causal_parent(app_socket) {
+                    return Correlated::Parent {
+                        parent,
+                        how: "causal",
+                    };
+                }
+                let c = self.inflight.candidates(MAX_LINKS);
+                if c.count > 1 {
+                    return Correlated::Ambiguous(c);
+                }
+                match c.into_newest() {
+                    Some(parent) => Correlated::Parent {
+                        parent,
+                        how: "sole",
+                    },
+                    None => Correlated::None,
+                }
+            }
+            Correlation::Inflight => {
+                // Only the newest is needed: one context copied.
+                let c = self.inflight.candidates(1);
+                let how = if c.count == 1 { "sole" } else { "inflight" };
+                match c.into_newest() {
+                    Some(parent) => Correlated::Parent { parent, how },
+                    None => Correlated::None,
+                }
+            }
+        }
+    }
+
+    /// The inbound request that caused the outbound connection from `app_socket`, when the
+    /// preload library recorded it.
+    ///
+    /// This is where the lookup in the shared-memory table (`TRACECAR_CAUSAL_TABLE`) goes: the
+    /// preload library, loaded into the app's processes, sees on which thread (and so for which
+    /// accepted inbound connection) the app connects, and writes the outbound socket's address
+    /// next to the inbound request's span context. Its answer is certain, so it is asked first
+    /// and its parent is marked `causal`. Until the table exists there is no entry to find.
+    pub fn causal_parent(&self, app_socket: Option<SocketAddr>) -> Option<SpanContext> {
+        let _ = app_socket;
+        None
+    }
+}
 
 /// The in-flight inbound spans of one proxy.
 #[derive(Debug, Default)]
@@ -59,10 +197,23 @@ impl Inflight {
         }
     }
 
-    /// The newest inbound span still in flight.
-    pub fn newest(&self) -> Option<SpanContext> {
-        let slots = self.slots.lock().ok()?;
-        slots.ring.iter().rev().find_map(|(_, cx)| cx.clone())
+    /// How many inbound requests are in flight, and the newest `limit` of them (at most
+    /// [`MAX_LINKS`]), newest first. Only those are copied out, under the lock.
+    pub fn candidates(&self, limit: usize) -> Candidates {
+        let mut c = Candidates {
+            count: 0,
+            newest: [const { None }; MAX_LINKS],
+            len: 0,
+        };
+        if let Ok(slots) = self.slots.lock() {
+            c.count = slots.live;
+            let live = slots.ring.iter().rev().filter_map(|(_, cx)| cx.as_ref());
+            for (slot, cx) in c.newest.iter_mut().zip(live.take(limit)) {
+                *slot = Some(cx.clone());
+                c.len += 1;
+            }
+        }
+        c
     }
 }
 
@@ -104,17 +255,21 @@ mod tests {
         )
     }
 
+    fn newest(inflight: &Inflight) -> Option<SpanContext> {
+        inflight.candidates(1).newest().next().cloned()
+    }
+
     #[test]
     fn newest_in_flight_wins_and_finished_ones_leave() {
         let inflight = Arc::new(Inflight::default());
-        assert!(inflight.newest().is_none());
+        assert!(newest(&inflight).is_none());
         let a = inflight.enter(sc(1));
         let b = inflight.enter(sc(2));
-        assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(2));
+        assert_eq!(newest(&inflight).unwrap().span_id(), SpanId::from(2));
         drop(b);
-        assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(1));
+        assert_eq!(newest(&inflight).unwrap().span_id(), SpanId::from(1));
         drop(a);
-        assert!(inflight.newest().is_none());
+        assert!(newest(&inflight).is_none());
     }
 
     #[test]
@@ -137,7 +292,7 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
-        assert!(inflight.newest().is_none());
+        assert!(newest(&inflight).is_none());
         assert!(
             inflight.slots.lock().unwrap().ring.is_empty(),
             "every finished request left the table"
@@ -150,16 +305,16 @@ mod tests {
         let guards: Vec<_> = (1..=5).map(|n| inflight.enter(sc(n))).collect();
         let mut guards: Vec<Option<InflightGuard>> = guards.into_iter().map(Some).collect();
         guards[4].take(); // 5 finishes: 4 is the newest
-        assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(4));
+        assert_eq!(newest(&inflight).unwrap().span_id(), SpanId::from(4));
         guards[1].take(); // 2 leaves a hole in the middle
         guards[3].take(); // 4 finishes: the hole at 2 is skipped, 3 is the newest
-        assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(3));
+        assert_eq!(newest(&inflight).unwrap().span_id(), SpanId::from(3));
         let late = inflight.enter(sc(6));
-        assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(6));
+        assert_eq!(newest(&inflight).unwrap().span_id(), SpanId::from(6));
         drop(late);
         guards[0].take();
         guards[2].take();
-        assert!(inflight.newest().is_none());
+        assert!(newest(&inflight).is_none());
         assert!(
             inflight.slots.lock().unwrap().ring.is_empty(),
             "holes are trimmed"
@@ -182,10 +337,113 @@ mod tests {
             longest = longest.max(inflight.slots.lock().unwrap().ring.len());
         }
         assert!(longest <= 2 * 10 + SLACK + 1, "ring grew to {longest}");
-        assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(99_999));
+        assert_eq!(newest(&inflight).unwrap().span_id(), SpanId::from(99_999));
         drop(window);
-        assert_eq!(inflight.newest().unwrap().span_id(), SpanId::from(1));
+        assert_eq!(newest(&inflight).unwrap().span_id(), SpanId::from(1));
         drop(stream);
         assert!(inflight.slots.lock().unwrap().ring.is_empty());
+    }
+
+    fn ids(c: &Candidates) -> Vec<u64> {
+        c.newest()
+            .map(|sc| u64::from_be_bytes(sc.span_id().to_bytes()))
+            .collect()
+    }
+
+    fn parent_of(c: Correlated) -> Option<(u64, &'static str)> {
+        match c {
+            Correlated::Parent { parent, how } => {
+                Some((u64::from_be_bytes(parent.span_id().to_bytes()), how))
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn candidates_count_all_and_copy_only_the_newest_few() {
+        let inflight = Arc::new(Inflight::default());
+        let c = inflight.candidates(MAX_LINKS);
+        assert_eq!((c.count(), ids(&c)), (0, vec![]));
+        let mut guards: Vec<_> = (1..=12).map(|n| inflight.enter(sc(n))).collect();
+        let c = inflight.candidates(MAX_LINKS);
+        assert_eq!(c.count(), 12);
+        assert_eq!(
+            ids(&c),
+            vec![12, 11, 10, 9, 8, 7, 6, 5],
+            "newest first, bounded"
+        );
+        assert_eq!(ids(&inflight.candidates(1)), vec![12]);
+        assert_eq!(ids(&inflight.candidates(100)).len(), MAX_LINKS);
+        // Finished ones are neither counted nor linked.
+        guards.remove(11);
+        guards.remove(5);
+        let c = inflight.candidates(MAX_LINKS);
+        assert_eq!(c.count(), 10);
+        assert_eq!(ids(&c), vec![11, 10, 9, 8, 7, 5, 4, 3]);
+    }
+
+    #[test]
+    fn causal_parents_only_the_sole_request_and_links_several() {
+        let Some(c) = Correlator::new(Correlation::Causal) else {
+            panic!("causal keeps a table");
+        };
+        assert!(
+            matches!(c.correlate(None), Correlated::None),
+            "none in flight"
+        );
+        let a = c.inflight().enter(sc(1));
+        assert_eq!(parent_of(c.correlate(None)), Some((1, "sole")));
+        let b = c.inflight().enter(sc(2));
+        match c.correlate(None) {
+            Correlated::Ambiguous(cands) => {
+                assert_eq!((cands.count(), ids(&cands)), (2, vec![2, 1]));
+            }
+            other => panic!("two in flight must be ambiguous, got {other:?}"),
+        }
+        let more: Vec<_> = (3..=20).map(|n| c.inflight().enter(sc(n))).collect();
+        match c.correlate(None) {
+            Correlated::Ambiguous(cands) => {
+                assert_eq!(cands.count(), 20);
+                assert_eq!(ids(&cands), (13..=20).rev().collect::<Vec<_>>());
+            }
+            other => panic!("got {other:?}"),
+        }
+        drop(more);
+        drop(a);
+        // The one left is certain again, whichever it is.
+        assert_eq!(parent_of(c.correlate(None)), Some((2, "sole")));
+        drop(b);
+        assert!(matches!(c.correlate(None), Correlated::None));
+    }
+
+    #[test]
+    fn the_causal_table_hook_finds_nothing_yet() {
+        let Some(c) = Correlator::new(Correlation::Causal) else {
+            panic!("causal keeps a table");
+        };
+        let _a = c.inflight().enter(sc(1));
+        let app = "127.0.0.1:40000".parse().ok();
+        assert!(c.causal_parent(app).is_none());
+        assert_eq!(parent_of(c.correlate(app)), Some((1, "sole")));
+    }
+
+    #[test]
+    fn inflight_guesses_the_newest_and_says_sole_when_it_is_certain() {
+        let Some(c) = Correlator::new(Correlation::Inflight) else {
+            panic!("inflight keeps a table");
+        };
+        assert!(matches!(c.correlate(None), Correlated::None));
+        let a = c.inflight().enter(sc(1));
+        assert_eq!(parent_of(c.correlate(None)), Some((1, "sole")));
+        let b = c.inflight().enter(sc(2));
+        let _c = c.inflight().enter(sc(3));
+        assert_eq!(parent_of(c.correlate(None)), Some((3, "inflight")));
+        drop((a, b));
+        assert_eq!(parent_of(c.correlate(None)), Some((3, "sole")));
+    }
+
+    #[test]
+    fn off_keeps_no_table() {
+        assert!(Correlator::new(Correlation::Off).is_none());
     }
 }

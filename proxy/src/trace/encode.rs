@@ -12,7 +12,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId};
+use opentelemetry::trace::{Link, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId};
 use opentelemetry::{Array, InstrumentationScope, KeyValue, StringValue, Value};
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue};
 use opentelemetry_proto::tonic::trace::v1 as proto;
@@ -210,6 +210,17 @@ impl SpanWriter {
         });
     }
 
+    /// A link to another span (`Span.links = 13`): `Span.Link { trace_id = 1; span_id = 2;
+    /// trace_state = 3; flags = 6 }`, as opentelemetry-proto writes a link without attributes.
+    pub fn link(&mut self, sc: &SpanContext) {
+        nested(&mut self.0, 13, |out| {
+            bytes(out, 1, &sc.trace_id().to_bytes());
+            bytes(out, 2, &sc.span_id().to_bytes());
+            string(out, 3, &sc.trace_state().header());
+            fixed32(out, 6, flags(sc.is_remote(), sc.trace_flags().to_u8()));
+        });
+    }
+
     /// `KeyValue { key = 1; AnyValue value = 2 }` whose `AnyValue` is `any` bytes long.
     fn attribute(&mut self, key: &str, any: usize, value: impl FnOnce(&mut Vec<u8>)) {
         let kv = 1 + varint_len(key.len()) + key.len() + 1 + varint_len(any) + any;
@@ -306,9 +317,7 @@ fn encode_span(out: &mut Vec<u8>, span: &SpanData) {
 
 /// A decoded span in the SDK's form ([`Batch::to_span_data`]).
 fn span_data(p: proto::Span) -> SpanData {
-    let trace_id = <[u8; 16]>::try_from(p.trace_id.as_slice())
-        .map(TraceId::from_bytes)
-        .unwrap_or(TraceId::INVALID);
+    let trace_id = trace_id_of(&p.trace_id);
     let id = |b: &[u8]| {
         <[u8; 8]>::try_from(b)
             .map(SpanId::from_bytes)
@@ -342,7 +351,30 @@ fn span_data(p: proto::Span) -> SpanData {
             .collect(),
         dropped_attributes_count: p.dropped_attributes_count,
         events: SpanEvents::default(),
-        links: SpanLinks::default(),
+        links: {
+            let mut links = SpanLinks::default();
+            links.links = p
+                .links
+                .into_iter()
+                .map(|l| {
+                    let sc = SpanContext::new(
+                        trace_id_of(&l.trace_id),
+                        id(&l.span_id),
+                        TraceFlags::new(l.flags as u8),
+                        l.flags & IS_REMOTE != 0,
+                        l.trace_state.parse().unwrap_or_default(),
+                    );
+                    let attributes = l
+                        .attributes
+                        .into_iter()
+                        .map(|kv| KeyValue::new(kv.key, value(kv.value)))
+                        .collect();
+                    Link::new(sc, attributes, l.dropped_attributes_count)
+                })
+                .collect();
+            links.dropped_count = p.dropped_links_count;
+            links
+        },
         status: match p.status {
             Some(s) if s.code == 2 => Status::error(s.message),
             Some(s) if s.code == 1 => Status::Ok,
@@ -352,6 +384,12 @@ fn span_data(p: proto::Span) -> SpanData {
             .with_version(env!("CARGO_PKG_VERSION"))
             .build(),
     }
+}
+
+fn trace_id_of(b: &[u8]) -> TraceId {
+    <[u8; 16]>::try_from(b)
+        .map(TraceId::from_bytes)
+        .unwrap_or(TraceId::INVALID)
 }
 
 /// An OTLP value in the API's form; kinds the proxy never writes become their debug text.
@@ -683,6 +721,26 @@ mod tests {
         w.int("server.port", -(n as i64));
         w.bool("tls.established", n % 2 == 0);
         w.str("empty", "");
+        // Links as an ambiguous CLIENT span has them: none, one, or several with trace state.
+        let links: Vec<SpanContext> = (0..n % 4)
+            .map(|i| {
+                let local = SpanContext::new(
+                    TraceId::from(0xdef + i as u128),
+                    SpanId::from(0x200 + i),
+                    TraceFlags::default(),
+                    false,
+                    TraceState::default(),
+                );
+                if i % 2 == 0 {
+                    local
+                } else {
+                    context(0x900 + i as u128, 0x300 + i, "l")
+                }
+            })
+            .collect();
+        for l in &links {
+            w.link(l);
+        }
         let bytes = w.finish(end, error);
         let data = SpanData {
             span_context: sc,
@@ -700,7 +758,14 @@ mod tests {
             ],
             dropped_attributes_count: 0,
             events: SpanEvents::default(),
-            links: SpanLinks::default(),
+            links: {
+                let mut l = SpanLinks::default();
+                l.links = links
+                    .into_iter()
+                    .map(|sc| Link::new(sc, Vec::new(), 0))
+                    .collect();
+                l
+            },
             status: match error {
                 Some(m) => Status::error(m.to_owned()),
                 None => Status::Unset,
@@ -741,6 +806,7 @@ mod tests {
             assert_eq!((g.start_time, g.end_time), (e.start_time, e.end_time));
             assert_eq!(g.attributes, e.attributes);
             assert_eq!(g.status, e.status);
+            assert_eq!(g.links.links, e.links.links);
             assert_eq!(g.instrumentation_scope, e.instrumentation_scope);
         }
     }

@@ -3,7 +3,7 @@
 //!
 //! - [`span`]: the SERVER/CLIENT span of one request and the body wrapper that ends it.
 //! - [`propagate`]: the configured context formats.
-//! - [`correlate`]: parents outbound calls without context on in-flight inbound requests.
+//! - [`correlate`]: ties outbound calls without context to the inbound request that caused them.
 //! - [`export`]: the bounded export queue; [`otlp`], [`console`]: the exporters; [`tls`]: export TLS.
 
 pub mod console;
@@ -23,7 +23,7 @@ use opentelemetry_sdk::trace::{RandomIdGenerator, Sampler as SdkSampler};
 use opentelemetry_sdk::Resource;
 use tokio::sync::mpsc;
 
-use crate::config::{Config, Correlation, Sampler, TracesExporter};
+use crate::config::{Config, Sampler, TracesExporter};
 use crate::metrics::Metrics;
 
 pub use span::{RequestSpan, TracedBody};
@@ -63,7 +63,8 @@ pub struct Telemetry {
     jaeger_baggage: bool,
     /// Injection without the composite propagator, for the default formats.
     w3c: Option<propagate::W3cInjector>,
-    inflight: Option<Arc<correlate::Inflight>>,
+    /// `None` when correlation is off.
+    correlator: Option<correlate::Correlator>,
     /// Where finished spans go; `None` when nothing exports (`OTEL_TRACES_EXPORTER=none`).
     queue: Option<export::QueueProcessor>,
     export: Option<export::ExportHandle>,
@@ -129,7 +130,6 @@ impl Telemetry {
         let jaeger_baggage = config
             .propagators
             .contains(&crate::config::Propagator::Jaeger);
-        let inflight = (config.correlation == Correlation::Inflight).then(Default::default);
         Ok(Telemetry {
             sampler: sampler(config.sampler),
             skip_probes: !config.trace_probes,
@@ -138,7 +138,7 @@ impl Telemetry {
             context_headers,
             jaeger_baggage,
             w3c: propagate::W3cInjector::for_formats(&config.propagators),
-            inflight,
+            correlator: correlate::Correlator::new(config.correlation),
             queue,
             export,
             metrics,

@@ -15,7 +15,7 @@ use opentelemetry_sdk::trace::{IdGenerator, SamplingDecision, ShouldSample};
 
 use crate::metrics::Direction;
 
-use super::correlate::InflightGuard;
+use super::correlate::{Correlated, InflightGuard};
 use super::encode::SpanWriter;
 use super::Telemetry;
 
@@ -35,6 +35,9 @@ pub struct RequestInfo<'a> {
     /// and [`Telemetry::client_span`].
     pub host: Option<&'a str>,
     pub user_agent: Option<&'a str>,
+    /// Outbound: the app's end of the connection (its peer), which names the connection in the
+    /// preload library's causal table.
+    pub app_socket: Option<std::net::SocketAddr>,
 }
 
 /// The propagation headers a span start wants written, kept aside so the request's own header
@@ -193,6 +196,21 @@ pub(crate) fn split_host(h: &str) -> Option<(&str, Option<u16>)> {
     (!host.is_empty() && host.chars().all(valid)).then_some((host, port))
 }
 
+/// How the proxy tied a span to an inbound request (`tracecar.correlation`), and for an
+/// ambiguous one the links to the candidates.
+fn mark(w: &mut SpanWriter, correlated: &Correlated) {
+    match correlated {
+        Correlated::None => {}
+        Correlated::Parent { how, .. } => w.str("tracecar.correlation", how),
+        Correlated::Ambiguous(candidates) => {
+            w.str("tracecar.correlation", "ambiguous");
+            for sc in candidates.newest() {
+                w.link(sc);
+            }
+        }
+    }
+}
+
 /// The request's attributes (SPEC: span attributes).
 fn attributes(w: &mut SpanWriter, info: &RequestInfo<'_>) {
     w.str("http.request.method", method_name(info.method));
@@ -247,16 +265,17 @@ impl Telemetry {
             injector,
             &parent,
             Direction::Inbound,
-            false,
+            &Correlated::None,
         );
-        if let Some(inflight) = &self.inflight {
-            rs._inflight = Some(inflight.enter(rs.context.clone()));
+        if let Some(c) = &self.correlator {
+            rs._inflight = Some(c.inflight().enter(rs.context.clone()));
         }
         rs
     }
 
     /// Starts the CLIENT span of an outbound request. Without context in its headers, the span
-    /// is parented on the newest in-flight inbound request when correlation is on.
+    /// is tied to the inbound request that caused it as `TRACECAR_CORRELATION` says
+    /// ([`super::correlate`]).
     pub fn client_span(
         self: &std::sync::Arc<Self>,
         info: RequestInfo<'_>,
@@ -272,22 +291,39 @@ impl Telemetry {
         extractor: &dyn Extractor,
         injector: &mut dyn Injector,
     ) -> RequestSpan {
-        let mut parent = self.extract(extractor);
-        let mut correlated = false;
-        if !parent.span().span_context().is_valid() {
-            if let Some(sc) = self.inflight.as_ref().and_then(|i| i.newest()) {
-                parent = parent.with_remote_span_context(sc);
-                correlated = true;
-            }
-        }
+        let app_socket = info.app_socket;
+        let (parent, correlated) = self.correlate(self.extract(extractor), app_socket);
         self.start(
             SpanKind::Client,
             info,
             injector,
             &parent,
             Direction::Outbound,
-            correlated,
+            &correlated,
         )
+    }
+
+    /// The parent of an outbound span: the context it carries, else what correlation finds.
+    /// Requests that carry context, and every request with correlation off, never touch the
+    /// in-flight table.
+    fn correlate(
+        &self,
+        carried: Context,
+        app_socket: Option<std::net::SocketAddr>,
+    ) -> (Context, Correlated) {
+        if carried.span().span_context().is_valid() {
+            return (carried, Correlated::None);
+        }
+        let Some(correlator) = &self.correlator else {
+            return (carried, Correlated::None);
+        };
+        match correlator.correlate(app_socket) {
+            Correlated::Parent { parent, how } => (
+                carried.with_remote_span_context(parent.clone()),
+                Correlated::Parent { parent, how },
+            ),
+            other => (carried, other),
+        }
     }
 
     /// Starts the CLIENT span of a captured TLS connection, which the proxy passes through
@@ -296,11 +332,9 @@ impl Telemetry {
         self: &std::sync::Arc<Self>,
         sni: Option<&str>,
         dst: std::net::SocketAddr,
+        app_socket: Option<std::net::SocketAddr>,
     ) -> RequestSpan {
-        let parent = match self.inflight.as_ref().and_then(|i| i.newest()) {
-            Some(sc) => Context::new().with_remote_span_context(sc),
-            None => Context::new(),
-        };
+        let (parent, correlated) = self.correlate(Context::new(), app_socket);
         let name: Cow<'static, str> = match sni {
             Some(s) => format!("TLS {s}").into(),
             None => "TLS".into(),
@@ -313,6 +347,7 @@ impl Telemetry {
             w.int("server.port", dst.port() as i64);
             w.str("network.peer.address", &peer);
             w.str("server.address", sni.unwrap_or(&peer));
+            mark(w, &correlated);
         }
         rs.count_request = false;
         rs
@@ -348,7 +383,7 @@ impl Telemetry {
         injector: &mut dyn Injector,
         parent: &Context,
         direction: Direction,
-        correlated: bool,
+        correlated: &Correlated,
     ) -> RequestSpan {
         // Kubelet probes would be a trace every few seconds per container; they are still
         // proxied and counted.
@@ -360,9 +395,7 @@ impl Telemetry {
         let mut rs = self.begin(kind, method_name(info.method), parent, probe, direction);
         if let Some(w) = &mut rs.writer {
             attributes(w, &info);
-            if correlated {
-                w.str("tracecar.correlation", "inflight");
-            }
+            mark(w, correlated);
         }
         if let Some(w3c) = &self.w3c {
             w3c.inject(&rs.context, parent, injector);
@@ -585,6 +618,7 @@ mod tests {
             client_address: Some("10.0.0.9"),
             host: None,
             user_agent: None,
+            app_socket: None,
         }
     }
 
@@ -939,5 +973,174 @@ mod tests {
                 prop_assert_eq!(map.len(), n);
             }
         }
+    }
+
+    /// A SERVER span in flight (its span not ended) and its context.
+    fn inbound(t: &Arc<Telemetry>) -> (RequestSpan, SpanContext) {
+        let span = t.server_span(info(), &mut HeaderMap::new());
+        let cx = span.span_context().clone();
+        (span, cx)
+    }
+
+    fn client(t: &Arc<Telemetry>, h: &mut HeaderMap) -> SpanContext {
+        let span = t.client_span(info(), h);
+        let cx = span.span_context().clone();
+        drop(span);
+        cx
+    }
+
+    async fn client_spans(
+        t: &Telemetry,
+        rx: &mut mpsc::UnboundedReceiver<SpanRecord>,
+    ) -> Vec<opentelemetry_sdk::trace::SpanData> {
+        let mut spans = exported(t, rx).await;
+        spans.retain(|s| s.span_kind == SpanKind::Client);
+        spans
+    }
+
+    #[tokio::test]
+    async fn causal_parents_the_sole_inbound_request() {
+        let (t, mut rx) = telemetry(&[]);
+        let (_server, parent) = inbound(&t);
+        let mut h = HeaderMap::new();
+        let own = client(&t, &mut h);
+        let spans = client_spans(&t, &mut rx).await;
+        let s = &spans[0];
+        assert_eq!(s.span_context.trace_id(), parent.trace_id());
+        assert_eq!(s.parent_span_id, parent.span_id());
+        assert_eq!(attr(s, "tracecar.correlation").as_deref(), Some("sole"));
+        assert!(s.links.links.is_empty());
+        // The peer sees the CLIENT span as its parent, in the inbound request's trace.
+        assert_eq!(
+            h["traceparent"],
+            format!("00-{}-{}-01", parent.trace_id(), own.span_id())
+        );
+    }
+
+    #[tokio::test]
+    async fn causal_makes_a_linked_root_when_several_are_in_flight() {
+        let (t, mut rx) = telemetry(&["--correlation", "causal"]);
+        let (_a, a) = inbound(&t);
+        let (_b, b) = inbound(&t);
+        let mut h = HeaderMap::new();
+        let own = client(&t, &mut h);
+        let spans = client_spans(&t, &mut rx).await;
+        let s = &spans[0];
+        assert_eq!(s.parent_span_id, SpanId::INVALID, "no parent: a root");
+        assert!(!s.parent_span_is_remote);
+        assert_ne!(s.span_context.trace_id(), a.trace_id());
+        assert_ne!(s.span_context.trace_id(), b.trace_id());
+        assert_eq!(
+            attr(s, "tracecar.correlation").as_deref(),
+            Some("ambiguous")
+        );
+        let linked: Vec<_> = s.links.iter().map(|l| l.span_context.clone()).collect();
+        assert_eq!(linked, vec![b.clone(), a.clone()], "newest first");
+        // The context propagated to the peer is the new trace, not a guess.
+        assert_eq!(
+            h["traceparent"],
+            format!("00-{}-{}-01", own.trace_id(), own.span_id())
+        );
+    }
+
+    #[tokio::test]
+    async fn ambiguous_links_are_bounded() {
+        let (t, mut rx) = telemetry(&[]);
+        let inflight: Vec<_> = (0..20).map(|_| inbound(&t)).collect();
+        client(&t, &mut HeaderMap::new());
+        let spans = client_spans(&t, &mut rx).await;
+        let s = &spans[0];
+        assert_eq!(
+            attr(s, "tracecar.correlation").as_deref(),
+            Some("ambiguous")
+        );
+        let linked: Vec<_> = s.links.iter().map(|l| l.span_context.span_id()).collect();
+        let newest: Vec<_> = inflight
+            .iter()
+            .rev()
+            .take(super::super::correlate::MAX_LINKS)
+            .map(|(_, cx)| cx.span_id())
+            .collect();
+        assert_eq!(linked, newest);
+    }
+
+    #[tokio::test]
+    async fn nothing_in_flight_or_context_carried_adds_no_attribute() {
+        let (t, mut rx) = telemetry(&[]);
+        client(&t, &mut HeaderMap::new());
+        let (_a, _) = inbound(&t);
+        let (_b, _) = inbound(&t);
+        // Context from the app wins over correlation, however many are in flight.
+        let mut h = headers(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )]);
+        client(&t, &mut h);
+        let spans = client_spans(&t, &mut rx).await;
+        assert_eq!(spans.len(), 2);
+        for s in &spans {
+            assert_eq!(attr(s, "tracecar.correlation"), None);
+            assert!(s.links.links.is_empty());
+        }
+        assert_eq!(spans[0].parent_span_id, SpanId::INVALID);
+        assert_eq!(spans[1].parent_span_id, SpanId::from(0x00f067aa0ba902b7));
+    }
+
+    #[tokio::test]
+    async fn inflight_guesses_and_off_does_nothing() {
+        let (t, mut rx) = telemetry(&["--correlation", "inflight"]);
+        let (a_span, a) = inbound(&t);
+        client(&t, &mut HeaderMap::new());
+        let (_b, b) = inbound(&t);
+        client(&t, &mut HeaderMap::new());
+        drop(a_span);
+        let spans = client_spans(&t, &mut rx).await;
+        assert_eq!(spans[0].parent_span_id, a.span_id());
+        assert_eq!(
+            attr(&spans[0], "tracecar.correlation").as_deref(),
+            Some("sole")
+        );
+        assert_eq!(spans[1].parent_span_id, b.span_id(), "the newest");
+        assert_eq!(
+            attr(&spans[1], "tracecar.correlation").as_deref(),
+            Some("inflight")
+        );
+        assert!(spans[1].links.links.is_empty());
+
+        let (t, mut rx) = telemetry(&["--correlation", "off"]);
+        let (_a, a) = inbound(&t);
+        client(&t, &mut HeaderMap::new());
+        let spans = client_spans(&t, &mut rx).await;
+        assert_eq!(spans[0].parent_span_id, SpanId::INVALID);
+        assert_ne!(spans[0].span_context.trace_id(), a.trace_id());
+        assert_eq!(attr(&spans[0], "tracecar.correlation"), None);
+    }
+
+    #[tokio::test]
+    async fn tls_connections_are_correlated_the_same_way() {
+        let (t, mut rx) = telemetry(&[]);
+        let dst = "10.0.0.7:443".parse().unwrap();
+        let (a_span, a) = inbound(&t);
+        drop(t.tls_span(Some("api.example"), dst, None));
+        let (_b, b) = inbound(&t);
+        drop(t.tls_span(Some("api.example"), dst, None));
+        drop(a_span);
+        let spans = client_spans(&t, &mut rx).await;
+        assert_eq!(spans[0].parent_span_id, a.span_id());
+        assert_eq!(
+            attr(&spans[0], "tracecar.correlation").as_deref(),
+            Some("sole")
+        );
+        assert_eq!(spans[1].parent_span_id, SpanId::INVALID);
+        assert_eq!(
+            attr(&spans[1], "tracecar.correlation").as_deref(),
+            Some("ambiguous")
+        );
+        let linked: Vec<_> = spans[1]
+            .links
+            .iter()
+            .map(|l| l.span_context.clone())
+            .collect();
+        assert_eq!(linked, vec![b, a]);
     }
 }
