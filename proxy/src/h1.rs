@@ -155,6 +155,9 @@ pub async fn serve(
     // later one may be awaited for the idle timeout, then has the head timeout from its first
     // byte (nginx's client_header_timeout and keepalive_timeout).
     let mut first = true;
+    // One timer per connection, moved for each wait (the head, the app's answer): resetting it
+    // costs less than making one per wait, and it is only registered while a wait is pending.
+    let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
     let outcome = loop {
         // 1. A complete request head, routed, its span started and its head rewritten for the app.
         let waiting_since = Instant::now();
@@ -177,6 +180,9 @@ pub async fn serve(
                 tokio::time::Instant::from_std(if first { waiting_since } else { Instant::now() })
                     + limit
             });
+            if timer.deadline() != until {
+                timer.as_mut().reset(until);
+            }
             if inbuf.capacity() - inbuf.len() < FIRST_BUF / 4 {
                 inbuf.reserve(READ_CHUNK);
             }
@@ -185,7 +191,7 @@ pub async fn serve(
                 biased;
                 r = client.read_buf(&mut inbuf) => r,
                 _ = shutdown.changed(), if inbuf.is_empty() => Ok(0),
-                _ = tokio::time::sleep_until(until) => {
+                () = timer.as_mut() => {
                     metrics.timeout(kind);
                     break Prepared::TimedOut;
                 }
@@ -222,7 +228,16 @@ pub async fn serve(
             }
         };
         inbuf.advance(head.head_len);
-        match exchange(conn, client, &mut inbuf, &mut up, pool, head, &mut out).await {
+        let exchanged = exchange(
+            conn,
+            client,
+            &mut inbuf,
+            &mut up,
+            head,
+            &mut out,
+            timer.as_mut(),
+        );
+        match exchanged.await {
             Ok(true) => continue,
             Ok(false) => break Outcome::Done,
             Err(()) => {
@@ -597,10 +612,11 @@ async fn exchange(
     client: &mut TcpStream,
     inbuf: &mut BytesMut,
     up: &mut Option<Upstream>,
-    pool: &IdlePool,
     head: RequestHead,
     out: &mut Vec<u8>,
+    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
 ) -> Result<bool, ()> {
+    let pool = &*conn.shared.upstream.idle;
     // `out` holds the rewritten request head.
     let RequestHead {
         framing,
@@ -653,7 +669,7 @@ async fn exchange(
         }
         let Some(u) = up.as_mut() else { return Err(()) };
         let sent = async {
-            timed(limits.stream_idle_timeout, u.stream.write_all(out))
+            write_all_timed(&mut u.stream, out, limits.stream_idle_timeout)
                 .await
                 .map_err(|e| match e {
                     Some(e) => Failure::App(e),
@@ -665,10 +681,14 @@ async fn exchange(
             // Once the response head is in, `out` holds the client's version of it.
             let read = read_response_head(u, client, head_request, client_close || early, out);
             match limits.response_head_timeout {
-                Some(limit) => match tokio::time::timeout(limit, read).await {
-                    Ok(r) => r.map_err(Failure::App),
-                    Err(_) => Err(Failure::ResponseTimeout),
-                },
+                Some(limit) => {
+                    timer.as_mut().reset(tokio::time::Instant::now() + limit);
+                    tokio::select! {
+                        biased;
+                        r = read => r.map_err(Failure::App),
+                        () = timer.as_mut() => Err(Failure::ResponseTimeout),
+                    }
+                }
                 None => read.await.map_err(Failure::App),
             }
         }
@@ -754,7 +774,7 @@ async fn exchange(
     };
     out.extend_from_slice(&u.buf[..taken]);
     u.buf.advance(taken);
-    if timed(limits.stream_idle_timeout, client.write_all(out))
+    if write_all_timed(client, out, limits.stream_idle_timeout)
         .await
         .is_err()
     {
@@ -786,6 +806,27 @@ async fn exchange(
         *up = None;
     }
     Ok(!close_client)
+}
+
+/// Writes all of `buf`, waiting at most `limit` for the peer to take more. Most writes fit the
+/// socket's buffer at once: those make no timer.
+async fn write_all_timed(
+    stream: &mut TcpStream,
+    buf: &[u8],
+    limit: Duration,
+) -> Result<(), Option<io::Error>> {
+    let mut done = 0;
+    while done < buf.len() {
+        match stream.try_write(&buf[done..]) {
+            Ok(0) => return Err(Some(io::ErrorKind::WriteZero.into())),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return timed(limit, stream.write_all(&buf[done..])).await;
+            }
+            Err(e) => return Err(Some(e)),
+        }
+    }
+    Ok(())
 }
 
 /// `fut` within `limit`: `Err(None)` when it ran out.
