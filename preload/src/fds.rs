@@ -3,7 +3,7 @@
 //! its forked children each have their own copy, as they have their own fd tables.
 //!
 //! `state` packs: bits 0-1 the kind (0 untracked, 1 inbound, 2 outbound), bit 2 "publish
-//! before the next write" (outbound), bits 16-31 the peer port (inbound), bits 32-63 a
+//! before the next write" (outbound), bit 3 "no request written since connect" (outbound), bits 16-31 the peer port (inbound), bits 32-63 a
 //! generation (inbound; tells a thread's remembered cause from a later connection on the
 //! same fd number).
 
@@ -19,6 +19,7 @@ const INBOUND: u64 = 1;
 const OUTBOUND: u64 = 2;
 const KIND: u64 = 3;
 const PENDING: u64 = 4;
+const FRESH: u64 = 8;
 
 pub struct Fd {
     state: AtomicU64,
@@ -85,7 +86,8 @@ impl Fd {
             slot.store(w, Ordering::Relaxed);
         }
         self.cause.store(cause.raw(), Ordering::Relaxed);
-        self.state.store(OUTBOUND | PENDING, Ordering::Release);
+        self.state
+            .store(OUTBOUND | PENDING | FRESH, Ordering::Release);
     }
 
     pub fn clear(&self) {
@@ -119,10 +121,14 @@ impl Fd {
         self.cause.store(c.raw(), Ordering::Relaxed);
     }
 
-    /// Outbound: whether a publish is due before this write; clears it.
-    pub fn take_pending(&self) -> bool {
-        self.state.load(Ordering::Relaxed) & PENDING != 0
-            && self.state.fetch_and(!PENDING, Ordering::AcqRel) & PENDING != 0
+    /// Outbound: whether a publish is due before this write, and whether this is the first
+    /// request since `connect`; clears both.
+    pub fn take_pending(&self) -> Option<bool> {
+        if self.state.load(Ordering::Relaxed) & PENDING == 0 {
+            return None;
+        }
+        let old = self.state.fetch_and(!(PENDING | FRESH), Ordering::AcqRel);
+        (old & PENDING != 0).then_some(old & FRESH != 0)
     }
 
     /// Outbound: a response was read, so the next write is a new request.

@@ -112,12 +112,15 @@ pub fn connected(fd: c_int, addr: *const sockaddr, len: socklen_t, ret: c_int) {
 pub fn writing(fd: c_int) {
     let Some(t) = table() else { return };
     let Some(f) = fds::get(fd) else { return };
-    if f.untracked() || f.kind() != Kind::Outbound || !f.take_pending() {
+    if f.untracked() || f.kind() != Kind::Outbound {
         return;
     }
+    let Some(first) = f.take_pending() else {
+        return;
+    };
     guarded(|| {
         let kept = f.cause();
-        let cause = if kept.is_live() {
+        let cause = if first && kept.is_live() {
             kept
         } else {
             thread::current()

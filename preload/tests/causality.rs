@@ -83,3 +83,40 @@ fn node_event_loop() {
         5,
     );
 }
+
+/// Not a pass/fail test: the shape libc alone cannot follow (a timer continuation reads no
+/// socket). Prints its figures; `cargo test -p tracecar-preload -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn node_timer_shape_figures() {
+    let table = TableFile::new();
+    let backend = Backend::start(table.table.clone());
+    let mut cmd = Command::new("node");
+    cmd.arg(apps_dir().join("frontend.js"))
+        .arg(backend.addr.port().to_string())
+        .arg("timer");
+    let (mut app, port) = start_app(cmd, Some(&table.path()));
+    let ports = drive(port, CLIENTS, PER_CLIENT, 5);
+    let _ = app.kill();
+    let _ = app.wait();
+    let seen = backend.seen.lock().unwrap().clone();
+    eprintln!("node timer: {:?} of {}", tally(&seen, &ports), seen.len());
+}
+
+/// The control: the same app without the library publishes nothing, so the figures above
+/// come from the library.
+#[test]
+fn without_the_library_nothing_is_published() {
+    let table = TableFile::new();
+    let backend = Backend::start(table.table.clone());
+    let mut cmd = python("threaded")(backend.addr.port());
+    cmd.env("TRACECAR_CAUSAL_TABLE", table.path());
+    let (mut app, port) = common::start_plain(cmd);
+    let ports = drive(port, 2, 5, 1);
+    let _ = app.kill();
+    let _ = app.wait();
+    let seen = backend.seen.lock().unwrap().clone();
+    let t = tally(&seen, &ports);
+    assert_eq!((t.unknown, t.correct, t.wrong), (20, 0, 0));
+    assert_eq!(table.table.entries().count(), 0);
+}

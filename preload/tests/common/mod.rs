@@ -13,10 +13,23 @@ use std::time::Duration;
 
 use tracecar_causal::{Key, Table};
 
-/// `target/<profile>/libtracecar_preload.so`, built by `cargo test -p tracecar-preload`.
+/// `target/<profile>/libtracecar_preload.so`, freshly built: `cargo test` builds a cdylib's
+/// integration tests but not the cdylib itself, so the first test to ask builds it.
 pub fn library() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
+    BUILT.call_once(|| {
+        let mut cargo = Command::new(option_env!("CARGO").unwrap_or("cargo"));
+        cargo
+            .args(["build", "-p", "tracecar-preload"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.file_name().is_some_and(|p| p == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("run cargo build");
+        assert!(status.success(), "cargo build -p tracecar-preload failed");
+    });
     let lib = dir.join("libtracecar_preload.so");
     assert!(lib.exists(), "{} not built", lib.display());
     lib
@@ -140,6 +153,11 @@ pub fn start_app(mut cmd: Command, table: Option<&Path>) -> (Child, u16) {
         Some(t) => cmd.env("TRACECAR_CAUSAL_TABLE", t),
         None => cmd.env("TRACECAR_CAUSAL_TABLE", "/nonexistent/causal"),
     };
+    start_plain(cmd)
+}
+
+/// Starts `cmd` as it is and reads the port it prints on its first line.
+pub fn start_plain(mut cmd: Command) -> (Child, u16) {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
