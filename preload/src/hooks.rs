@@ -16,13 +16,14 @@ use crate::track;
 
 #[no_mangle]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    let cap = buffer_len(len);
     let r = call_real!(
         real::ACCEPT,
         fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int,
         (fd, addr, len),
         libc::syscall(libc::SYS_accept4, fd, addr, len, 0) as c_int
     );
-    track::accepted(r, addr, len);
+    track::accepted(r, addr, len, cap);
     r
 }
 
@@ -33,13 +34,14 @@ pub unsafe extern "C" fn accept4(
     len: *mut socklen_t,
     flags: c_int,
 ) -> c_int {
+    let cap = buffer_len(len);
     let r = call_real!(
         real::ACCEPT4,
         fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int,
         (fd, addr, len, flags),
         libc::syscall(libc::SYS_accept4, fd, addr, len, flags) as c_int
     );
-    track::accepted(r, addr, len);
+    track::accepted(r, addr, len, cap);
     r
 }
 
@@ -308,6 +310,17 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     );
     track::duplicated(old, r);
     r
+}
+
+/// The size of the app's address buffer, read before the call: afterwards the kernel has put
+/// the address's full length there, which may be more than the buffer holds.
+unsafe fn buffer_len(len: *const socklen_t) -> socklen_t {
+    if len.is_null() {
+        0
+    } else {
+        // SAFETY: a non-null `len` given to accept points to a readable socklen_t.
+        unsafe { *len }
+    }
 }
 
 /// `dup2` as a system call: dup3, except that dup2(fd, fd) checks fd and returns it.

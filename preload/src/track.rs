@@ -45,20 +45,22 @@ fn guarded(f: impl FnOnce()) {
     unsafe { *libc::__errno_location() = errno };
 }
 
-/// After `accept`/`accept4` returned `fd` (with the peer address in `addr`, if given).
-pub fn accepted(fd: c_int, addr: *const sockaddr, len: *const socklen_t) {
+/// After `accept`/`accept4` returned `fd` (with the peer address in `addr`, if given, in a
+/// buffer of `cap` bytes).
+pub fn accepted(fd: c_int, addr: *const sockaddr, len: *const socklen_t, cap: socklen_t) {
     if fd < 0 || table().is_none() {
         return;
     }
     let Some(slot) = fds::get(fd) else { return };
     guarded(|| {
         // SAFETY: `addr`/`len` are what the app passed to accept, which the kernel just
-        // filled; `len` is read only when not null, and bounds the read of `addr`.
+        // filled; `len` is read only when not null; the read of `addr` is bounded by both the
+        // length written and the buffer's size before the call.
         let from_addr = unsafe {
             if addr.is_null() || len.is_null() {
                 None
             } else {
-                sock::inet(addr, *len)
+                sock::inet(addr, (*len).min(cap))
             }
         };
         match from_addr

@@ -120,3 +120,21 @@ fn without_the_library_nothing_is_published() {
     assert_eq!((t.unknown, t.correct, t.wrong), (20, 0, 0));
     assert_eq!(table.table.entries().count(), 0);
 }
+
+#[test]
+fn jvm_thread_pool() {
+    if !have("java") {
+        eprintln!("SKIPPED: no java");
+        return;
+    }
+    check(
+        "jvm",
+        |backend| {
+            let mut c = Command::new("java");
+            c.arg(apps_dir().join("Frontend.java"))
+                .arg(backend.to_string());
+            c
+        },
+        5,
+    );
+}

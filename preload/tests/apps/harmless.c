@@ -133,6 +133,36 @@ int main(int argc, char **argv) {
     close(q);
     close(acc);
     close(l);
+    /* accept with an address buffer too small for the peer's (IPv6) address: the kernel
+     * truncates the address and reports its full length; nothing may read past the buffer. */
+    int l6 = socket(AF_INET6, SOCK_STREAM, 0);
+    struct sockaddr_in6 a6;
+    memset(&a6, 0, sizeof a6);
+    a6.sin6_family = AF_INET6;
+    a6.sin6_addr = in6addr_loopback;
+    socklen_t a6len = sizeof a6;
+    if (l6 >= 0 && bind(l6, (struct sockaddr *)&a6, sizeof a6) == 0 && listen(l6, 1) == 0) {
+        getsockname(l6, (struct sockaddr *)&a6, &a6len);
+        int c6 = socket(AF_INET6, SOCK_STREAM, 0);
+        connect(c6, (struct sockaddr *)&a6, sizeof a6);
+        struct {
+            char small[8];
+            char guard[40];
+        } b;
+        memset(&b, 0x5a, sizeof b);
+        socklen_t small = sizeof b.small;
+        int s6 = accept(l6, (struct sockaddr *)b.small, &small);
+        int intact = 1;
+        for (size_t i = 0; i < sizeof b.guard; i++) intact &= b.guard[i] == 0x5a;
+        printf("ipv6 accept small buffer: ok=%d len=%u guard intact=%d\n", s6 >= 0, small, intact);
+        SHOW("ipv6 send", send(c6, "v6", 2, 0));
+        SHOW("ipv6 recv", recv(s6, buf, sizeof buf, 0));
+        close(c6);
+        close(s6);
+    } else {
+        printf("ipv6: unavailable\n");
+    }
+    if (l6 >= 0) close(l6);
     printf("done\n");
     return 0;
 }
