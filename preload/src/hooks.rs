@@ -2,6 +2,9 @@
 //! returns exactly what it returned; [`track`] does its bookkeeping before (writes, close)
 //! or after (accept, connect, reads, dup) the call.
 //!
+//! `epoll_wait`, `epoll_pwait` and `epoll_pwait2` are wrapped too: an event loop's next
+//! callback need not follow from the last socket read (see [`track::event_loop_turned`]).
+//!
 //! Also wrapped: the fortified `__read_chk`, `__recv_chk` and `__recvfrom_chk` that C
 //! programs built with `_FORTIFY_SOURCE` call instead of `read`, `recv` and `recvfrom`.
 
@@ -9,7 +12,10 @@
 // Rust API, so they carry no `# Safety` sections.
 #![allow(clippy::missing_safety_doc)]
 
-use libc::{c_int, c_long, c_void, iovec, msghdr, size_t, sockaddr, socklen_t, ssize_t};
+use libc::{
+    c_int, c_long, c_void, epoll_event, iovec, msghdr, sigset_t, size_t, sockaddr, socklen_t,
+    ssize_t, timespec,
+};
 
 use crate::real::{self, call_real};
 use crate::track;
@@ -309,6 +315,83 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
         libc::syscall(libc::SYS_dup3, old, new, flags) as c_int
     );
     track::duplicated(old, r);
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn epoll_wait(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: c_int,
+) -> c_int {
+    let r = call_real!(
+        real::EPOLL_WAIT,
+        fn(c_int, *mut epoll_event, c_int, c_int) -> c_int,
+        (epfd, events, max, timeout),
+        libc::syscall(
+            libc::SYS_epoll_pwait,
+            epfd,
+            events,
+            max,
+            timeout,
+            0 as c_long,
+            8 as c_long
+        ) as c_int
+    );
+    track::event_loop_turned();
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: c_int,
+    sigmask: *const sigset_t,
+) -> c_int {
+    let r = call_real!(
+        real::EPOLL_PWAIT,
+        fn(c_int, *mut epoll_event, c_int, c_int, *const sigset_t) -> c_int,
+        (epfd, events, max, timeout, sigmask),
+        libc::syscall(
+            libc::SYS_epoll_pwait,
+            epfd,
+            events,
+            max,
+            timeout,
+            sigmask,
+            8 as c_long
+        ) as c_int
+    );
+    track::event_loop_turned();
+    r
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn epoll_pwait2(
+    epfd: c_int,
+    events: *mut epoll_event,
+    max: c_int,
+    timeout: *const timespec,
+    sigmask: *const sigset_t,
+) -> c_int {
+    let r = call_real!(
+        real::EPOLL_PWAIT2,
+        fn(c_int, *mut epoll_event, c_int, *const timespec, *const sigset_t) -> c_int,
+        (epfd, events, max, timeout, sigmask),
+        libc::syscall(
+            libc::SYS_epoll_pwait2,
+            epfd,
+            events,
+            max,
+            timeout,
+            sigmask,
+            8 as c_long
+        ) as c_int
+    );
+    track::event_loop_turned();
     r
 }
 

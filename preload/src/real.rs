@@ -84,6 +84,9 @@ pub static CLOSE: Real = Real::new(c"close");
 pub static DUP: Real = Real::new(c"dup");
 pub static DUP2: Real = Real::new(c"dup2");
 pub static DUP3: Real = Real::new(c"dup3");
+pub static EPOLL_WAIT: Real = Real::new(c"epoll_wait");
+pub static EPOLL_PWAIT: Real = Real::new(c"epoll_pwait");
+pub static EPOLL_PWAIT2: Real = Real::new(c"epoll_pwait2");
 
 /// Looks every function up now, at load, so calls later find them at once.
 pub fn resolve_all() {
@@ -108,6 +111,9 @@ pub fn resolve_all() {
         &DUP,
         &DUP2,
         &DUP3,
+        &EPOLL_WAIT,
+        &EPOLL_PWAIT,
+        &EPOLL_PWAIT2,
     ] {
         r.get();
     }

@@ -11,6 +11,9 @@
 //!   read, the writing thread's.
 //! - a read (> 0 bytes) on an outbound connection (a response): the thread works again for
 //!   what caused that connection's request.
+//! - a thread back from `epoll_wait` (an event loop between callbacks) works for nothing until
+//!   its next read: what runs next may be a continuation queued earlier (asyncio runs the
+//!   coroutines a previous iteration woke first) or a timer, not the last read's work.
 //! - a cause whose inbound connection has been closed since, or no cause: 0 ("none").
 //!
 //! Everything here runs around the real call, never instead of it; `errno` is kept, nothing
@@ -149,6 +152,13 @@ pub fn read(fd: c_int, n: ssize_t) {
             f.set_pending();
         }
         Kind::Untracked => {}
+    }
+}
+
+/// After `epoll_wait` and its variants returned.
+pub fn event_loop_turned() {
+    if table().is_some() {
+        thread::set(Cause::NONE);
     }
 }
 

@@ -138,3 +138,24 @@ fn jvm_thread_pool() {
         5,
     );
 }
+
+/// An asyncio event loop: a coroutine resumes in a later loop iteration than the socket read
+/// that woke it, so the thread's last read is often another connection's. The library must
+/// not guess there: whatever it cannot follow it publishes as unknown, never wrong.
+#[test]
+fn python_asyncio_is_never_wrong() {
+    let table = TableFile::new();
+    let backend = Backend::start(table.table.clone());
+    let (mut app, port) = start_app(python("asyncio")(backend.addr.port()), Some(&table.path()));
+    let ports = drive(port, CLIENTS, PER_CLIENT, 5);
+    let _ = app.kill();
+    let _ = app.wait();
+    let seen = backend.seen.lock().unwrap().clone();
+    let t = tally(&seen, &ports);
+    eprintln!(
+        "python asyncio: {CLIENTS} clients in parallel: {t:?} of {}",
+        seen.len()
+    );
+    assert_eq!(seen.len(), (CLIENTS * PER_CLIENT * 2) as usize);
+    assert_eq!(t.wrong, 0, "{t:?}");
+}

@@ -1,9 +1,11 @@
 """A header-blind frontend: each inbound GET /req/<id> makes two outbound calls,
 GET /call/<id>/<n>, to the backend, with small random pauses, and forwards no headers.
 
-usage: frontend.py threaded|forking|keepalive BACKEND_PORT
-Prints the port it listens on, then serves until killed.
+usage: frontend.py threaded|forking|keepalive|asyncio BACKEND_PORT
+Prints the port it listens on, then serves until killed. (asyncio: an event loop whose
+continuations run in a later loop iteration than the read that resumed them; no pauses.)
 """
+import asyncio
 import http.client
 import random
 import socketserver
@@ -42,6 +44,42 @@ class Handler(BaseHTTPRequestHandler):
 
 class Forking(socketserver.ForkingMixIn, HTTPServer):
     pass
+
+
+async def call(rid, n):
+    reader, writer = await asyncio.open_connection("127.0.0.1", BACKEND)
+    writer.write(f"GET /call/{rid}/{n} HTTP/1.1\r\nHost: backend\r\n\r\n".encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    writer.close()
+
+
+async def handle(reader, writer):
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        rid = line.split()[1].decode().rsplit("/", 1)[-1]
+        for n in range(2):
+            await call(rid, n)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+    writer.close()
+
+
+async def serve_asyncio():
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    print(srv.sockets[0].getsockname()[1], flush=True)
+    await srv.serve_forever()
+
+
+if MODE == "asyncio":
+    asyncio.run(serve_asyncio())
+    sys.exit(0)
 
 
 server_class = Forking if MODE == "forking" else ThreadingHTTPServer
