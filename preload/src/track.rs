@@ -106,9 +106,16 @@ pub fn connected(fd: c_int, addr: *const sockaddr, len: socklen_t, ret: c_int) {
             peer_ip,
         };
         let cause = thread::current();
-        t.publish(&key, cause.port());
-        if let Some(f) = fds::get(fd) {
-            f.set_outbound(&key, if cause.is_live() { cause } else { Cause::NONE });
+        match fds::get(fd) {
+            Some(f) => {
+                t.publish(&key, cause.port());
+                f.set_outbound(&key, if cause.is_live() { cause } else { Cause::NONE });
+            }
+            // Beyond the fd array later requests on it cannot be followed, so even the
+            // first one's cause would be left standing for them: publish "unknown".
+            None => {
+                t.publish(&key, 0);
+            }
         }
     });
 }
