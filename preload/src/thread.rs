@@ -1,0 +1,64 @@
+//! The inbound connection the calling thread is working for (vPath's thread state).
+//!
+//! A [`Cause`] names an inbound connection by its fd, the generation it got at `accept`, and
+//! its peer port (what is published). It is only used while that fd still holds that
+//! connection ([`Cause::port`]); otherwise the cause is unknown and 0 is published.
+
+use std::cell::Cell;
+
+use crate::fds::{self, Kind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cause(u64);
+
+impl Cause {
+    pub const NONE: Cause = Cause(0);
+
+    pub fn inbound(fd: libc::c_int, port: u16, gen: u32) -> Cause {
+        match u16::try_from(fd) {
+            Ok(fd) if port != 0 => {
+                Cause(u64::from(port) | u64::from(fd) << 16 | u64::from(gen) << 32)
+            }
+            _ => Cause::NONE,
+        }
+    }
+
+    pub fn raw(self) -> u64 {
+        self.0
+    }
+
+    pub fn from_raw(raw: u64) -> Cause {
+        Cause(raw)
+    }
+
+    /// The port to publish: the connection's peer port while it is still open, else 0.
+    pub fn port(self) -> u16 {
+        if self.0 == 0 {
+            return 0;
+        }
+        let port = self.0 as u16;
+        let fd = libc::c_int::from((self.0 >> 16) as u16);
+        let gen = (self.0 >> 32) as u32;
+        match fds::get(fd).map(|f| f.kind()) {
+            Some(Kind::Inbound { port: p, gen: g }) if p == port && g == gen => port,
+            _ => 0,
+        }
+    }
+
+    /// Still names an open inbound connection.
+    pub fn is_live(self) -> bool {
+        self.port() != 0
+    }
+}
+
+thread_local! {
+    static CURRENT: Cell<u64> = const { Cell::new(0) };
+}
+
+pub fn current() -> Cause {
+    Cause(CURRENT.try_with(Cell::get).unwrap_or(0))
+}
+
+pub fn set(c: Cause) {
+    let _ = CURRENT.try_with(|cur| cur.set(c.0));
+}

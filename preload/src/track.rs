@@ -1,0 +1,198 @@
+//! The rules (vPath's, from thread and network activity), and publishing.
+//!
+//! - `accept` on an inet socket: the new fd is an inbound connection.
+//! - a read (> 0 bytes) on an inbound connection: the thread now works for it.
+//! - `connect` of a TCP socket: the fd is an outbound connection; the thread's cause at that
+//!   moment is published at once and kept for its first request (an event loop writes that
+//!   request later, from a callback).
+//! - the first write on an outbound connection after `connect` or after a read on it (a new
+//!   request on a kept-alive connection): its cause is published before the real write. After
+//!   `connect` that is the cause kept then (or, if none was, the writing thread's); after a
+//!   read, the writing thread's.
+//! - a read (> 0 bytes) on an outbound connection (a response): the thread works again for
+//!   what caused that connection's request.
+//! - a thread back from `epoll_wait` (an event loop between callbacks) works for nothing until
+//!   its next read: what runs next may be a continuation queued earlier (asyncio runs the
+//!   coroutines a previous iteration woke first) or a timer, not the last read's work.
+//! - a cause whose inbound connection has been closed since, or no cause: 0 ("none").
+//!
+//! Everything here runs around the real call, never instead of it; `errno` is kept, nothing
+//! can unwind into the app, and an untracked fd or a missing table costs one or two loads.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::OnceLock;
+
+use libc::{c_int, sockaddr, socklen_t, ssize_t};
+use tracecar_causal::{Key, Table};
+
+use crate::fds::{self, Kind};
+use crate::sock;
+use crate::thread::{self, Cause};
+
+static TABLE: OnceLock<Table> = OnceLock::new();
+
+pub fn activate(t: Table) {
+    let _ = TABLE.set(t);
+}
+
+fn table() -> Option<&'static Table> {
+    TABLE.get()
+}
+
+/// Runs the library's own work with `errno` as the app left it afterwards, and no unwinding.
+fn guarded(f: impl FnOnce()) {
+    // SAFETY: __errno_location returns the calling thread's errno, always valid.
+    let errno = unsafe { *libc::__errno_location() };
+    let _ = catch_unwind(AssertUnwindSafe(f));
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// After `accept`/`accept4` returned `fd` (with the peer address in `addr`, if given, in a
+/// buffer of `cap` bytes).
+pub fn accepted(fd: c_int, addr: *const sockaddr, len: *const socklen_t, cap: socklen_t) {
+    if fd < 0 || table().is_none() {
+        return;
+    }
+    let Some(slot) = fds::get(fd) else { return };
+    guarded(|| {
+        // SAFETY: `addr`/`len` are what the app passed to accept, which the kernel just
+        // filled; `len` is read only when not null; the read of `addr` is bounded by both the
+        // length written and the buffer's size before the call.
+        let from_addr = unsafe {
+            if addr.is_null() || len.is_null() {
+                None
+            } else {
+                sock::inet(addr, (*len).min(cap))
+            }
+        };
+        match from_addr
+            .map(|(port, _)| port)
+            .or_else(|| sock::peer_port(fd))
+        {
+            Some(port) if port != 0 => {
+                slot.set_inbound(port);
+            }
+            _ => slot.clear(),
+        }
+    });
+}
+
+/// After `connect(fd, addr)` returned `ret` (with `errno` as it set it).
+pub fn connected(fd: c_int, addr: *const sockaddr, len: socklen_t, ret: c_int) {
+    let Some(t) = table() else { return };
+    guarded(|| {
+        // SAFETY: __errno_location is always valid for the calling thread.
+        let err = unsafe { *libc::__errno_location() };
+        if ret != 0 && err != libc::EINPROGRESS && err != libc::EINTR {
+            return;
+        }
+        // SAFETY: `addr` is the app's argument to connect, valid for `len` bytes.
+        let Some((peer_port, peer_ip)) = (unsafe { sock::inet(addr, len) }) else {
+            if let Some(f) = fds::get(fd) {
+                f.clear();
+            }
+            return;
+        };
+        if !sock::is_tcp(fd) {
+            return;
+        }
+        let Some(local_port) = sock::local_port(fd) else {
+            return;
+        };
+        let key = Key {
+            local_port,
+            peer_port,
+            peer_ip,
+        };
+        let cause = thread::current();
+        match fds::get(fd) {
+            Some(f) => {
+                t.publish(&key, cause.port());
+                f.set_outbound(&key, if cause.is_live() { cause } else { Cause::NONE });
+            }
+            // Beyond the fd array later requests on it cannot be followed, so even the
+            // first one's cause would be left standing for them: publish "unknown".
+            None => {
+                t.publish(&key, 0);
+            }
+        }
+    });
+}
+
+/// Before a write-like call on `fd`.
+pub fn writing(fd: c_int) {
+    let Some(t) = table() else { return };
+    let Some(f) = fds::get(fd) else { return };
+    if f.untracked() || f.kind() != Kind::Outbound {
+        return;
+    }
+    let Some(first) = f.take_pending() else {
+        return;
+    };
+    guarded(|| {
+        let kept = f.cause();
+        let cause = if first && kept.is_live() {
+            kept
+        } else {
+            thread::current()
+        };
+        let cause = if cause.is_live() { cause } else { Cause::NONE };
+        t.publish(&f.key(), cause.port());
+        f.set_cause(cause);
+    });
+}
+
+/// After a read-like call on `fd` returned `n`.
+pub fn read(fd: c_int, n: ssize_t) {
+    if n <= 0 || table().is_none() {
+        return;
+    }
+    let Some(f) = fds::get(fd) else { return };
+    if f.untracked() {
+        return;
+    }
+    match f.kind() {
+        Kind::Inbound { port, gen } => thread::set(Cause::inbound(fd, port, gen)),
+        Kind::Outbound => {
+            thread::set(f.cause());
+            f.set_pending();
+        }
+        Kind::Untracked => {}
+    }
+}
+
+/// After `epoll_wait` and its variants returned.
+pub fn event_loop_turned() {
+    if table().is_some() {
+        thread::set(Cause::NONE);
+    }
+}
+
+/// Before `close(fd)`.
+pub fn closing(fd: c_int) {
+    let Some(f) = fds::get(fd) else { return };
+    if f.untracked() {
+        return;
+    }
+    if let (Kind::Outbound, Some(t)) = (f.kind(), table()) {
+        guarded(|| t.mark_closed(&f.key()));
+    }
+    f.clear();
+}
+
+/// After `dup*` made `new` a copy of `old`.
+pub fn duplicated(old: c_int, new: c_int) {
+    if new < 0 || old == new {
+        return;
+    }
+    let Some(n) = fds::get(new) else { return };
+    match fds::get(old) {
+        Some(o) if !o.untracked() => n.copy_from(o),
+        _ => {
+            if !n.untracked() {
+                n.clear();
+            }
+        }
+    }
+}
