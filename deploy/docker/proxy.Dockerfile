@@ -16,6 +16,18 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p tracecar-proxy \
  && install -D -m 0755 target/release/tracecar-proxy /out/tracecar-proxy
 
+# The preload library runs inside the app's (glibc) processes, so it is built against glibc, and
+# an old one: glibc refuses to load a library that needs symbol versions newer than its own.
+# bullseye's glibc 2.31 is the floor (Debian 11, Ubuntu 20.04 and newer; docs/causal.md).
+ARG PRELOAD_IMAGE=rust:1.90-bullseye
+FROM ${PRELOAD_IMAGE} AS preload
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p tracecar-preload \
+ && install -D -m 0755 target/release/libtracecar_preload.so /out/libtracecar_preload.so
+
 FROM scratch
 LABEL org.opencontainers.image.title="tracecar-proxy" \
       org.opencontainers.image.description="tracecar's tracing HTTP sidecar proxy" \
@@ -24,6 +36,9 @@ LABEL org.opencontainers.image.title="tracecar-proxy" \
 # Root CAs for collectors with publicly trusted certificates (mTLS setups pass their own CA).
 COPY --from=build /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 COPY --from=build /out/tracecar-proxy /usr/local/bin/tracecar-proxy
+# Copied next to the causal table at start-up (TRACECAR_PRELOAD_SOURCE), where the app's
+# containers load it with LD_PRELOAD.
+COPY --from=preload /out/libtracecar_preload.so /usr/lib/tracecar/libtracecar_preload.so
 # iptables rules exempt this uid's traffic from redirection: it must be exactly 2140.
 # The injected pod spec names the binary without a path (`command: [tracecar-proxy, ...]`).
 ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin

@@ -43,6 +43,22 @@ pub struct RunArgs {
     /// off.
     #[arg(long, env = "TRACECAR_CORRELATION", default_value = "causal")]
     pub correlation: String,
+    /// The shared-memory table the preload library writes (`causal`): created at start-up when
+    /// its directory exists (the injector mounts one); without it, correlation falls back.
+    #[arg(
+        long,
+        env = "TRACECAR_CAUSAL_TABLE",
+        default_value = "/var/run/tracecar/causal"
+    )]
+    pub causal_table: String,
+    /// The preload library in the proxy's image, copied next to the table at start-up so the
+    /// app's containers can load it from the shared volume.
+    #[arg(
+        long,
+        env = "TRACECAR_PRELOAD_SOURCE",
+        default_value = "/usr/lib/tracecar/libtracecar_preload.so"
+    )]
+    pub preload_source: String,
     /// Log filter (tracing-subscriber EnvFilter syntax).
     #[arg(long, env = "TRACECAR_LOG", default_value = "info")]
     pub log: String,
@@ -321,6 +337,10 @@ pub struct Config {
     /// `host:port` that non-redirected inbound connections are sent to.
     pub inbound_target: Option<String>,
     pub correlation: Correlation,
+    /// `TRACECAR_CAUSAL_TABLE`; empty: none.
+    pub causal_table: std::path::PathBuf,
+    /// `TRACECAR_PRELOAD_SOURCE`; empty: none.
+    pub preload_source: std::path::PathBuf,
     pub log: String,
     pub drain_timeout: Duration,
     pub detect_timeout: Duration,
@@ -852,6 +872,8 @@ impl RunArgs {
             admin_listen,
             inbound_target,
             correlation,
+            causal_table: self.causal_table.trim().into(),
+            preload_source: self.preload_source.trim().into(),
             log,
             drain_timeout,
             detect_timeout,
@@ -1152,6 +1174,16 @@ mod tests {
                     "TRACECAR_CORRELATION",
                     correlation,
                     ["causal", "inflight", "off"]
+                ),
+                field!(
+                    "TRACECAR_CAUSAL_TABLE",
+                    causal_table,
+                    ["/var/run/tracecar/causal", ""]
+                ),
+                field!(
+                    "TRACECAR_PRELOAD_SOURCE",
+                    preload_source,
+                    ["/usr/lib/tracecar/libtracecar_preload.so"]
                 ),
                 field!("TRACECAR_LOG", log, ["info", "tracecar_proxy=debug,warn"]),
                 field!(

@@ -113,6 +113,8 @@ impl Upstream {
 struct Upstream {
     target: Arc<str>,
     stream: TcpStream,
+    /// This end's port: the causal table names inbound connections by it.
+    local_port: u16,
     buf: BytesMut,
     /// Came from the pool or served an earlier request: it may have been closed meanwhile.
     reused: bool,
@@ -668,6 +670,10 @@ async fn exchange(
             }
         }
         let Some(u) = up.as_mut() else { return Err(()) };
+        if conn.shared.direction == Direction::Inbound && conn.shared.telemetry.causal() {
+            // Before the request goes out: the app may call out as soon as it reads it.
+            span.set_app_port(u.local_port);
+        }
         let sent = async {
             write_all_timed(&mut u.stream, out, limits.stream_idle_timeout)
                 .await
@@ -977,6 +983,7 @@ async fn connect(
         }
         return Ok(Upstream {
             target: target.clone(),
+            local_port: local_port(&stream),
             stream,
             buf: BytesMut::with_capacity(FIRST_BUF),
             reused: true,
@@ -988,10 +995,15 @@ async fn connect(
     }
     Ok(Upstream {
         target: target.clone(),
+        local_port: local_port(&stream),
         stream,
         buf: BytesMut::with_capacity(FIRST_BUF),
         reused: false,
     })
+}
+
+fn local_port(stream: &TcpStream) -> u16 {
+    stream.local_addr().map_or(0, |a| a.port())
 }
 
 /// True when an idle app connection has been closed by the app (or has unexpected bytes).

@@ -49,7 +49,7 @@ pub struct Conn {
     /// connection; `None` on the outbound listener, whose spans do not carry it.
     pub peer_ip: Option<Box<str>>,
     /// The app's end of an outbound connection, for correlation; `None` inbound.
-    pub app_socket: Option<std::net::SocketAddr>,
+    pub app_socket: Option<tracecar_causal::Key>,
 }
 
 /// Serves HTTP/1 and HTTP/2 on `stream` until it closes or shutdown asks it to: plain HTTP/1.1

@@ -212,7 +212,11 @@ async fn handle(
         .connection(shared.direction, "http");
     let conn = Conn {
         peer_ip: (shared.direction == Direction::Inbound).then(|| peer.ip().to_string().into()),
-        app_socket: (shared.direction == Direction::Outbound).then_some(peer),
+        // What the app connected to: the original destination, else this listener (HTTP_PROXY).
+        app_socket: (shared.direction == Direction::Outbound && shared.telemetry.causal())
+            .then(|| redirected.or_else(|| stream.local_addr().ok()))
+            .flatten()
+            .map(|dst| tracecar_causal::Key::new(peer.port(), dst)),
         shared,
         target,
     };
@@ -231,8 +235,13 @@ async fn pass_through(
         Protocol::Tls { sni } => {
             shared.telemetry.metrics.connection(shared.direction, "tls");
             // Outbound TLS gets one CLIENT span per connection; inbound TLS is the app's own.
-            let span = (shared.direction == Direction::Outbound)
-                .then(|| shared.telemetry.tls_span(sni.as_deref(), dst, Some(peer)));
+            let span = (shared.direction == Direction::Outbound).then(|| {
+                let key = shared
+                    .telemetry
+                    .causal()
+                    .then(|| tracecar_causal::Key::new(peer.port(), dst));
+                shared.telemetry.tls_span(sni.as_deref(), dst, key)
+            });
             splice(stream, dst, span, shared.connect_timeout).await;
         }
         // (HTTP is served, never passed here.)

@@ -23,7 +23,6 @@
 //! context, and `off`, never read it.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use opentelemetry::trace::SpanContext;
@@ -83,15 +82,32 @@ impl Candidates {
 pub struct Correlator {
     policy: Correlation,
     inflight: Arc<Inflight>,
+    /// The preload library's table (`causal` with the table open).
+    table: Option<tracecar_causal::Table>,
 }
 
 impl Correlator {
     /// `None` for `off`: no table is kept and nothing is looked up.
     pub fn new(policy: Correlation) -> Option<Correlator> {
+        Self::with_table(policy, None)
+    }
+
+    /// A correlator that asks the preload library's `table` first (`causal` only).
+    pub fn with_table(
+        policy: Correlation,
+        table: Option<tracecar_causal::Table>,
+    ) -> Option<Correlator> {
         (policy != Correlation::Off).then(|| Correlator {
             policy,
             inflight: Arc::default(),
+            table: table.filter(|_| policy == Correlation::Causal),
         })
+    }
+
+    /// Whether the causal table is open: only then are inbound requests' app connections
+    /// recorded and outbound connections looked up.
+    pub fn has_table(&self) -> bool {
+        self.table.is_some()
     }
 
     /// The table inbound requests enter while in flight.
@@ -101,7 +117,7 @@ impl Correlator {
 
     /// Ties an outbound request (or TLS connection) without trace context to its cause.
     /// `app_socket` is the app's end of the outbound connection, as the proxy sees its peer.
-    pub fn correlate(&self, app_socket: Option<SocketAddr>) -> Correlated {
+    pub fn correlate(&self, app_socket: Option<tracecar_causal::Key>) -> Correlated {
         match self.policy {
             Correlation::Off => Correlated::None,
             Correlation::Causal => {
@@ -135,17 +151,21 @@ impl Correlator {
         }
     }
 
-    /// The inbound request that caused the outbound connection from `app_socket`, when the
-    /// preload library recorded it.
+    /// The inbound request that caused the outbound connection `app_socket`, when the preload
+    /// library recorded it.
     ///
-    /// This is where the lookup in the shared-memory table (`TRACECAR_CAUSAL_TABLE`) goes: the
-    /// preload library, loaded into the app's processes, sees on which thread (and so for which
-    /// accepted inbound connection) the app connects, and writes the outbound socket's address
-    /// next to the inbound request's span context. Its answer is certain, so it is asked first
-    /// and its parent is marked `causal`. Until the table exists there is no entry to find.
-    pub fn causal_parent(&self, app_socket: Option<SocketAddr>) -> Option<SpanContext> {
-        let _ = app_socket;
-        None
+    /// The library, loaded into the app's processes, follows which inbound connection each
+    /// thread works for and writes, before a request goes out, the port (as the app sees it)
+    /// of the inbound connection that caused it: the proxy's local port of its connection to
+    /// the app. The inbound request in flight on that connection is the parent, certain enough
+    /// to be asked first and marked `causal`. No entry, "no known cause" (0), or no single
+    /// request in flight on that connection: `None`, and the fallback decides.
+    pub fn causal_parent(&self, app_socket: Option<tracecar_causal::Key>) -> Option<SpanContext> {
+        let port = self.table.as_ref()?.lookup(&app_socket?)?;
+        if port == 0 {
+            return None;
+        }
+        self.inflight.on_app_port(port)
     }
 }
 
@@ -163,7 +183,9 @@ pub struct Inflight {
 /// its length stays within about twice the requests in flight.
 #[derive(Debug, Default)]
 struct Slots {
-    ring: VecDeque<(u64, Option<SpanContext>)>,
+    /// (id, the span context while in flight, the proxy's local port of the app connection the
+    /// request went out on: 0 until known).
+    ring: VecDeque<(u64, Option<SpanContext>, u16)>,
     live: usize,
     /// The next request's id.
     next: u64,
@@ -188,7 +210,7 @@ impl Inflight {
         if let Ok(mut slots) = self.slots.lock() {
             id = slots.next;
             slots.next += 1;
-            slots.ring.push_back((id, Some(cx)));
+            slots.ring.push_back((id, Some(cx), 0));
             slots.live += 1;
         }
         InflightGuard {
@@ -207,7 +229,7 @@ impl Inflight {
         };
         if let Ok(slots) = self.slots.lock() {
             c.count = slots.live;
-            let live = slots.ring.iter().rev().filter_map(|(_, cx)| cx.as_ref());
+            let live = slots.ring.iter().rev().filter_map(|(_, cx, _)| cx.as_ref());
             for (slot, cx) in c.newest.iter_mut().zip(live.take(limit)) {
                 *slot = Some(cx.clone());
                 c.len += 1;
@@ -215,26 +237,51 @@ impl Inflight {
         }
         c
     }
+
+    /// The request in flight on the app connection whose proxy-side port is `port`, when
+    /// exactly one is (a connection carries one request at a time on the lean path).
+    pub fn on_app_port(&self, port: u16) -> Option<SpanContext> {
+        let slots = self.slots.lock().ok()?;
+        let mut on = slots
+            .ring
+            .iter()
+            .filter(|(_, cx, p)| *p == port && cx.is_some());
+        match (on.next(), on.next()) {
+            (Some((_, cx, _)), None) => cx.clone(),
+            _ => None,
+        }
+    }
+}
+
+impl InflightGuard {
+    /// Records the proxy's local port of the app connection this request went out on.
+    pub fn set_app_port(&self, port: u16) {
+        if let Ok(mut slots) = self.owner.slots.lock() {
+            if let Ok(i) = slots.ring.binary_search_by_key(&self.id, |(id, ..)| *id) {
+                slots.ring[i].2 = port;
+            }
+        }
+    }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
         if let Ok(mut slots) = self.owner.slots.lock() {
             let Slots { ring, live, .. } = &mut *slots;
-            if let Ok(i) = ring.binary_search_by_key(&self.id, |(id, _)| *id) {
+            if let Ok(i) = ring.binary_search_by_key(&self.id, |(id, ..)| *id) {
                 if ring[i].1.take().is_some() {
                     *live -= 1;
                 }
             }
-            while ring.back().is_some_and(|(_, cx)| cx.is_none()) {
+            while ring.back().is_some_and(|(_, cx, _)| cx.is_none()) {
                 ring.pop_back();
             }
-            while ring.front().is_some_and(|(_, cx)| cx.is_none()) {
+            while ring.front().is_some_and(|(_, cx, _)| cx.is_none()) {
                 ring.pop_front();
             }
             // Amortised O(1): a compaction removes more holes than it costs.
             if ring.len() > 2 * *live + SLACK {
-                ring.retain(|(_, cx)| cx.is_some());
+                ring.retain(|(_, cx, _)| cx.is_some());
             }
         }
     }
@@ -417,14 +464,59 @@ mod tests {
     }
 
     #[test]
-    fn the_causal_table_hook_finds_nothing_yet() {
+    fn without_a_table_causal_falls_back() {
         let Some(c) = Correlator::new(Correlation::Causal) else {
             panic!("causal keeps a table");
         };
         let _a = c.inflight().enter(sc(1));
-        let app = "127.0.0.1:40000".parse().ok();
+        let app = Some(tracecar_causal::Key::new(
+            40000,
+            "127.0.0.1:15140".parse().unwrap(),
+        ));
         assert!(c.causal_parent(app).is_none());
         assert_eq!(parent_of(c.correlate(app)), Some((1, "sole")));
+    }
+
+    /// The table names the inbound connection (by the proxy's port towards the app) whose
+    /// request caused an outbound connection: that request is the parent, among several in
+    /// flight; "no known cause", an unknown connection or a port with two requests fall back.
+    #[test]
+    fn the_causal_table_names_the_exact_parent() {
+        let path =
+            std::env::temp_dir().join(format!("tracecar-causal-test-{}", std::process::id()));
+        let table = tracecar_causal::Table::create(&path, 64).unwrap();
+        // The preload library's side: the same file, opened by another mapping.
+        let library = tracecar_causal::Table::open(&path).unwrap();
+        let Some(c) = Correlator::with_table(Correlation::Causal, Some(table)) else {
+            panic!("causal keeps a table");
+        };
+        assert!(c.has_table());
+        let a = c.inflight().enter(sc(1));
+        let b = c.inflight().enter(sc(2));
+        let _c = c.inflight().enter(sc(3));
+        a.set_app_port(5001);
+        b.set_app_port(5002);
+        let proxy = "127.0.0.1:15140".parse().unwrap();
+        let out = tracecar_causal::Key::new(40001, proxy);
+        assert!(library.publish(&out, 5002));
+        assert_eq!(parent_of(c.correlate(Some(out))), Some((2, "causal")));
+        // Published as "no known cause": the fallback (three in flight: ambiguous).
+        assert!(library.publish(&out, 0));
+        assert!(matches!(c.correlate(Some(out)), Correlated::Ambiguous(_)));
+        // A connection the library never saw.
+        let unseen = tracecar_causal::Key::new(40002, proxy);
+        assert!(matches!(
+            c.correlate(Some(unseen)),
+            Correlated::Ambiguous(_)
+        ));
+        // Two requests on one app port (a stale entry): not certain.
+        let twin = c.inflight().enter(sc(4));
+        twin.set_app_port(5001);
+        assert!(library.publish(&out, 5001));
+        assert!(c.causal_parent(Some(out)).is_none());
+        drop(twin);
+        assert_eq!(parent_of(c.correlate(Some(out))), Some((1, "causal")));
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`correlate`]: ties outbound calls without context to the inbound request that caused them.
 //! - [`export`]: the bounded export queue; [`otlp`], [`console`]: the exporters; [`tls`]: export TLS.
 
+pub mod causal;
 pub mod console;
 pub mod correlate;
 pub mod encode;
@@ -138,11 +139,24 @@ impl Telemetry {
             context_headers,
             jaeger_baggage,
             w3c: propagate::W3cInjector::for_formats(&config.propagators),
-            correlator: correlate::Correlator::new(config.correlation),
+            correlator: correlate::Correlator::with_table(
+                config.correlation,
+                (config.correlation == crate::config::Correlation::Causal)
+                    .then(|| causal::open(config))
+                    .flatten(),
+            ),
             queue,
             export,
             metrics,
         })
+    }
+
+    /// Whether the preload library's causal table is open: outbound connections are then
+    /// looked up in it, and inbound requests record their app connection.
+    pub fn causal(&self) -> bool {
+        self.correlator
+            .as_ref()
+            .is_some_and(correlate::Correlator::has_table)
     }
 
     /// Exports every finished span, waiting at most `timeout`.

@@ -35,9 +35,9 @@ pub struct RequestInfo<'a> {
     /// and [`Telemetry::client_span`].
     pub host: Option<&'a str>,
     pub user_agent: Option<&'a str>,
-    /// Outbound: the app's end of the connection (its peer), which names the connection in the
-    /// preload library's causal table.
-    pub app_socket: Option<std::net::SocketAddr>,
+    /// Outbound: the app's connection as the app sees it (its port, and what it connected to),
+    /// which names the connection in the preload library's causal table.
+    pub app_socket: Option<tracecar_causal::Key>,
 }
 
 /// The propagation headers a span start wants written, kept aside so the request's own header
@@ -309,7 +309,7 @@ impl Telemetry {
     fn correlate(
         &self,
         carried: Context,
-        app_socket: Option<std::net::SocketAddr>,
+        app_socket: Option<tracecar_causal::Key>,
     ) -> (Context, Correlated) {
         if carried.span().span_context().is_valid() {
             return (carried, Correlated::None);
@@ -332,7 +332,7 @@ impl Telemetry {
         self: &std::sync::Arc<Self>,
         sni: Option<&str>,
         dst: std::net::SocketAddr,
-        app_socket: Option<std::net::SocketAddr>,
+        app_socket: Option<tracecar_causal::Key>,
     ) -> RequestSpan {
         let (parent, correlated) = self.correlate(Context::new(), app_socket);
         let name: Cow<'static, str> = match sni {
@@ -472,6 +472,14 @@ impl RequestSpan {
     }
 
     /// Records the response status; 5xx (and 4xx on CLIENT spans) mark the span as an error.
+    /// Records the proxy's local port of the app connection this inbound request went out on,
+    /// where the preload library's table names causes (see `correlate`).
+    pub fn set_app_port(&self, port: u16) {
+        if let Some(guard) = &self._inflight {
+            guard.set_app_port(port);
+        }
+    }
+
     pub fn set_status(&mut self, status: http::StatusCode) {
         let code = status.as_u16();
         self.status = Some(code);
