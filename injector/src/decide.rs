@@ -56,7 +56,8 @@ impl Reason {
 pub struct Decision {
     /// The JSON Patch to return; `None` when the pod is left alone.
     pub patch: Option<json_patch::Patch>,
-    /// Invalid annotation values that fell back to the default.
+    /// Invalid annotation values that fell back to the default, and app containers that
+    /// could not get the preload library.
     pub warnings: Vec<Warning>,
     pub reason: Reason,
 }
@@ -138,7 +139,7 @@ pub fn decide_with(pod: &Pod, defaults: &Defaults, workload: Option<Workload>) -
     let workload = workload.or_else(|| workload::of_pod(pod));
     let service_name =
         workload::service_name(pod, settings.service_name.as_deref(), workload.as_ref());
-    let patch = patch::build(
+    let (patch, more) = patch::build(
         pod,
         &Inputs {
             defaults,
@@ -147,6 +148,7 @@ pub fn decide_with(pod: &Pod, defaults: &Defaults, workload: Option<Workload>) -
             service_name: &service_name,
         },
     );
+    warnings.extend(more);
     Decision {
         patch: Some(patch),
         warnings,

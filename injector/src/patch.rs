@@ -5,6 +5,13 @@
 //! `spec.initContainers`, `spec.volumes` and container `env` lists when they are missing,
 //! escapes JSON pointers (`tracecar.dev/status` → `tracecar.dev~1status`), and never reuses
 //! a container or volume name the pod already has (`tracecar-proxy` → `tracecar-proxy-1`).
+//!
+//! With the `causal` correlation policy it also wires the preload library (issue 12): an
+//! in-memory volume at [`CAUSAL_MOUNT`] in the proxy and in each app container, where the
+//! proxy creates the table and copies the library at start-up (before it reports ready, so
+//! before the app containers start); each app container gets `LD_PRELOAD` (appended to its
+//! own value) and `TRACECAR_CAUSAL_TABLE`. A container whose `LD_PRELOAD` cannot be extended
+//! safely is left alone, with a warning.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
-use crate::annotations::{self as ann, Capture, Settings, SidecarMode};
+use crate::annotations::{self as ann, Capture, Settings, SidecarMode, Warning};
 use crate::config::{Defaults, VERSION};
 use crate::workload::Workload;
 
@@ -33,6 +40,21 @@ pub const ADMIN_PORT: u16 = 15190;
 pub const PROXY_UID: i64 = 2140;
 /// The proxy's outbound listener as an HTTP proxy URL (SPEC).
 pub const HTTP_PROXY_URL: &str = "http://127.0.0.1:15140";
+/// Base name of the in-memory volume shared by the proxy and the app containers (`causal`).
+pub const CAUSAL_VOLUME: &str = "tracecar-causal";
+/// Where that volume is mounted, in the proxy and in every app container.
+pub const CAUSAL_MOUNT: &str = "/var/run/tracecar";
+/// The causal table the proxy creates there (SPEC: the default of `TRACECAR_CAUSAL_TABLE`).
+pub const CAUSAL_TABLE: &str = "/var/run/tracecar/causal";
+/// The preload library the proxy copies there from its image.
+pub const PRELOAD_LIBRARY: &str = "/var/run/tracecar/libtracecar_preload.so";
+/// `sizeLimit` of the volume: the library and a table of the default size (4096 slots,
+/// 128 KiB) need well under 2 MiB; the limit bounds what the pod can keep in memory there.
+pub const CAUSAL_SIZE_LIMIT: &str = "8Mi";
+/// The variable that names the table, for the proxy and the library alike (SPEC).
+pub const CAUSAL_TABLE_ENV: &str = "TRACECAR_CAUSAL_TABLE";
+/// The dynamic loader's preload list.
+pub const LD_PRELOAD: &str = "LD_PRELOAD";
 
 /// What injection added, stored as JSON in the `tracecar.dev/injection` annotation so that
 /// `inject --uninject` removes exactly that.
@@ -45,13 +67,111 @@ pub struct Record {
     pub containers: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
-    /// Container name → environment variables added to it (http-proxy capture).
+    /// Container name → environment variables added to it (http-proxy capture; with causal
+    /// correlation `TRACECAR_CAUSAL_TABLE`, and `LD_PRELOAD` when the container had none).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, Vec<String>>,
+    /// Container name → volume mounts (by volume name) added to it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub mounts: BTreeMap<String, Vec<String>>,
+    /// Container name → the value its own (last) `LD_PRELOAD` entry had before the library
+    /// was appended; `null` when the entry had no `value`. Uninject puts it back as it was.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub preload: BTreeMap<String, Option<String>>,
     /// Lists and maps that did not exist before: `annotations`, `initContainers`,
-    /// `volumes`, `env:<container>`.
+    /// `volumes`, `env:<container>`, `volumeMounts:<container>`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub created: Vec<String>,
+}
+
+/// What injection does to the dynamic loader's list of one app container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Preload {
+    /// The container sets no `LD_PRELOAD`: add one naming the library.
+    Add,
+    /// Append the library to the value of the container's env entry `index`.
+    Append {
+        index: usize,
+        original: Option<String>,
+        value: String,
+    },
+    /// The container's `LD_PRELOAD` already names the library: leave it as it is.
+    Present,
+}
+
+/// Decides how the library reaches app container `c`; `Err` says why it cannot, safely.
+fn preload_plan(c: &Container) -> Result<Preload, String> {
+    let mount = CAUSAL_MOUNT.trim_end_matches('/');
+    let busy = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .chain(
+            c.volume_devices
+                .iter()
+                .flatten()
+                .map(|d| d.device_path.as_str()),
+        )
+        .any(|p| p.trim_end_matches('/') == mount);
+    if busy {
+        return Err(format!("it already uses the path {CAUSAL_MOUNT}"));
+    }
+    // Kubernetes uses the last entry of a name: that is the one to extend.
+    let last = c
+        .env
+        .iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, e)| e.name == LD_PRELOAD)
+        .last();
+    match last {
+        Some((_, e)) if e.value_from.is_some() => {
+            Err("its LD_PRELOAD is set with valueFrom, which the injector cannot extend".into())
+        }
+        Some((index, e)) => {
+            let old = e.value.as_deref().unwrap_or("");
+            if old.split([' ', ':']).any(|p| p == PRELOAD_LIBRARY) {
+                return Ok(Preload::Present);
+            }
+            Ok(Preload::Append {
+                index,
+                original: e.value.clone(),
+                value: append_library(old),
+            })
+        }
+        None if c.env_from.as_ref().is_some_and(|f| !f.is_empty()) => Err(
+            "it has envFrom, which may set LD_PRELOAD, and an env entry would replace that value \
+             (name LD_PRELOAD in its env, even empty, to have the library appended)"
+                .into(),
+        ),
+        None => Ok(Preload::Add),
+    }
+}
+
+/// `old` followed by the library, separated as `old` separates its own entries (ld.so takes
+/// spaces and colons); `old` stays first and unchanged.
+fn append_library(old: &str) -> String {
+    if old.is_empty() || old.ends_with([' ', ':']) {
+        return format!("{old}{PRELOAD_LIBRARY}");
+    }
+    let sep = if old.contains(':') && !old.contains(' ') {
+        ':'
+    } else {
+        ' '
+    };
+    format!("{old}{sep}{PRELOAD_LIBRARY}")
+}
+
+/// What injection adds to one app container (a regular container of the pod).
+#[derive(Default)]
+struct AppAdds {
+    /// Variables appended to its env list, in order.
+    env: Vec<(&'static str, String)>,
+    /// The env entry whose `value` is replaced, with its new value.
+    preload: Option<(usize, String)>,
+    /// The causal volume is mounted at [`CAUSAL_MOUNT`].
+    mount: bool,
 }
 
 /// Everything [`build`] needs besides the pod.
@@ -89,14 +209,16 @@ fn containers_of(pod: &Pod) -> (&[Container], &[Container]) {
     }
 }
 
-/// Builds the patch that injects `pod`. The pod must have a spec with a container.
-pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> Patch {
+/// Builds the patch that injects `pod` (the pod must have a spec with a container), and a
+/// warning for each app container that could not get the preload library.
+pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> (Patch, Vec<Warning>) {
     let Inputs {
         defaults, settings, ..
     } = *inputs;
     let spec = pod.spec.as_ref();
     let (init, apps) = containers_of(pod);
     let mut record = Record::default();
+    let mut warnings = Vec::new();
     let mut ops = Vec::with_capacity(8);
 
     let mut taken: BTreeSet<String> = init.iter().chain(apps).map(|c| c.name.clone()).collect();
@@ -115,7 +237,9 @@ pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> Patch {
         .as_ref()
         .map(|secret| (unique(TLS_VOLUME, &mut volumes_taken), secret));
 
-    // http-proxy capture: point every app container at the proxy, without overriding.
+    // What each app container gets. http-proxy capture: point it at the proxy, without
+    // overriding.
+    let mut adds: Vec<AppAdds> = apps.iter().map(|_| AppAdds::default()).collect();
     if settings.capture == Capture::HttpProxy {
         let no_proxy = format!("localhost,127.0.0.1,::1,.svc,.{}", defaults.cluster_domain);
         let vars = [
@@ -124,40 +248,96 @@ pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> Patch {
             ("NO_PROXY", no_proxy.as_str()),
             ("no_proxy", no_proxy.as_str()),
         ];
-        for (i, c) in apps.iter().enumerate() {
-            let idx = i.to_string();
+        for (c, a) in apps.iter().zip(&mut adds) {
             let existing: BTreeSet<&str> =
                 c.env.iter().flatten().map(|e| e.name.as_str()).collect();
-            let new: Vec<(&str, &str)> = vars
-                .iter()
-                .copied()
-                .filter(|(k, _)| !existing.contains(k))
-                .collect();
-            if new.is_empty() {
-                continue;
+            for (k, v) in vars {
+                if !existing.contains(k) {
+                    a.env.push((k, v.to_owned()));
+                }
             }
+        }
+    }
+    // Causal correlation: the preload library, loaded from the shared volume. Only regular
+    // containers: init containers serve no inbound requests, so there is nothing to tie their
+    // calls to, and in container mode they run before the proxy has put the library there.
+    let mut causal_volume = None;
+    if settings.correlation == "causal" {
+        for (c, a) in apps.iter().zip(&mut adds) {
+            let plan = match preload_plan(c) {
+                Ok(plan) => plan,
+                Err(why) => {
+                    warnings.push(Warning {
+                        annotation: ann::CORRELATION.to_owned(),
+                        message: format!(
+                            "{}: container {:?}: {why}; the preload library is not added to it \
+                             (its outbound calls get a parent only when one is certain)",
+                            ann::CORRELATION,
+                            c.name
+                        ),
+                    });
+                    continue;
+                }
+            };
+            match plan {
+                Preload::Add => a.env.push((LD_PRELOAD, PRELOAD_LIBRARY.to_owned())),
+                Preload::Append {
+                    index,
+                    original,
+                    value,
+                } => {
+                    a.preload = Some((index, value));
+                    record.preload.insert(c.name.clone(), original);
+                }
+                Preload::Present => {}
+            }
+            if !c.env.iter().flatten().any(|e| e.name == CAUSAL_TABLE_ENV) {
+                a.env.push((CAUSAL_TABLE_ENV, CAUSAL_TABLE.to_owned()));
+            }
+            a.mount = true;
+        }
+        if adds.iter().any(|a| a.mount) {
+            causal_volume = Some(unique(CAUSAL_VOLUME, &mut volumes_taken));
+        }
+    }
+    // Before the proxy goes in at /spec/containers/0 (container mode): indices are the pod's.
+    for (i, (c, a)) in apps.iter().zip(&adds).enumerate() {
+        let idx = i.to_string();
+        let at = |rest: &[&str]| {
+            let mut tokens = vec!["spec", "containers", idx.as_str()];
+            tokens.extend_from_slice(rest);
+            ptr(&tokens)
+        };
+        if !a.env.is_empty() {
+            let entries = a.env.iter().map(|(k, v)| env_value(k, v));
             if c.env.is_none() {
-                let list: Vec<Value> = new
-                    .iter()
-                    .map(|(k, v)| json!({"name": k, "value": v}))
-                    .collect();
-                ops.push(add(
-                    ptr(&["spec", "containers", &idx, "env"]),
-                    Value::Array(list),
-                ));
+                ops.push(add(at(&["env"]), Value::Array(entries.collect())));
                 record.created.push(format!("env:{}", c.name));
             } else {
-                for (k, v) in &new {
-                    ops.push(add(
-                        ptr(&["spec", "containers", &idx, "env", "-"]),
-                        json!({"name": k, "value": v}),
-                    ));
+                for e in entries {
+                    ops.push(add(at(&["env", "-"]), e));
                 }
             }
             record.env.insert(
                 c.name.clone(),
-                new.iter().map(|(k, _)| (*k).to_owned()).collect(),
+                a.env.iter().map(|(k, _)| (*k).to_owned()).collect(),
             );
+        }
+        if let Some((index, value)) = &a.preload {
+            ops.push(add(
+                at(&["env", &index.to_string(), "value"]),
+                Value::String(value.clone()),
+            ));
+        }
+        if let (true, Some(vol)) = (a.mount, &causal_volume) {
+            let mount = json!({"name": vol, "mountPath": CAUSAL_MOUNT});
+            if c.volume_mounts.is_none() {
+                ops.push(add(at(&["volumeMounts"]), json!([mount])));
+                record.created.push(format!("volumeMounts:{}", c.name));
+            } else {
+                ops.push(add(at(&["volumeMounts", "-"]), mount));
+            }
+            record.mounts.insert(c.name.clone(), vec![vol.clone()]);
         }
     }
 
@@ -166,6 +346,7 @@ pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> Patch {
         inputs,
         &proxy_name,
         volume_name.as_ref().map(|(n, _)| n.as_str()),
+        causal_volume.as_deref(),
     );
 
     // Init containers: tracecar-init first, then the native sidecar, then the pod's own.
@@ -202,17 +383,28 @@ pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> Patch {
         record.containers.push(proxy_name.clone());
     }
 
+    let mut new_volumes = Vec::new();
     if let Some((vname, secret)) = &volume_name {
         // Optional: a missing Secret must not keep the pod from starting; the proxy runs
         // without export until the files appear (TRACECAR_EXPORT_REQUIRED=false below).
-        let vol = json!({"name": vname, "secret": {"secretName": secret, "optional": true}});
+        new_volumes
+            .push(json!({"name": vname, "secret": {"secretName": secret, "optional": true}}));
+        record.volumes.push(vname.clone());
+    }
+    if let Some(vname) = &causal_volume {
+        new_volumes.push(json!({"name": vname,
+            "emptyDir": {"medium": "Memory", "sizeLimit": CAUSAL_SIZE_LIMIT}}));
+        record.volumes.push(vname.clone());
+    }
+    if !new_volumes.is_empty() {
         if spec.and_then(|s| s.volumes.as_ref()).is_none() {
-            ops.push(add(ptr(&["spec", "volumes"]), json!([vol])));
+            ops.push(add(ptr(&["spec", "volumes"]), Value::Array(new_volumes)));
             record.created.push("volumes".into());
         } else {
-            ops.push(add(ptr(&["spec", "volumes", "-"]), vol));
+            for vol in new_volumes {
+                ops.push(add(ptr(&["spec", "volumes", "-"]), vol));
+            }
         }
-        record.volumes.push(vname.clone());
     }
 
     // Annotations last: the record is complete now.
@@ -243,7 +435,7 @@ pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> Patch {
             ops.push(add(ptr(&["metadata", "annotations", k]), Value::String(v)));
         }
     }
-    Patch(ops)
+    (Patch(ops), warnings)
 }
 
 fn resources(settings: &Settings) -> Value {
@@ -306,7 +498,13 @@ fn env_field(name: &str, path: &str) -> Value {
     json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}})
 }
 
-fn proxy_container(pod: &Pod, inputs: &Inputs<'_>, name: &str, tls_volume: Option<&str>) -> Value {
+fn proxy_container(
+    pod: &Pod,
+    inputs: &Inputs<'_>,
+    name: &str,
+    tls_volume: Option<&str>,
+    causal_volume: Option<&str>,
+) -> Value {
     let Inputs {
         defaults,
         settings,
@@ -348,6 +546,9 @@ fn proxy_container(pod: &Pod, inputs: &Inputs<'_>, name: &str, tls_volume: Optio
     ));
     env.push(env_value("OTEL_PROPAGATORS", &settings.propagators));
     env.push(env_value("TRACECAR_CORRELATION", settings.correlation));
+    if causal_volume.is_some() {
+        env.push(env_value(CAUSAL_TABLE_ENV, CAUSAL_TABLE));
+    }
     env.push(env_value("TRACECAR_LOG", settings.log_level));
     if tls_volume.is_some() {
         env.push(env_value(
@@ -403,11 +604,16 @@ fn proxy_container(pod: &Pod, inputs: &Inputs<'_>, name: &str, tls_volume: Optio
             json!({"postStart": {"exec": {"command": ["tracecar-proxy", "wait-ready", "--timeout", "60s"]}}}),
         );
     }
+    let mut mounts = Vec::new();
     if let Some(v) = tls_volume {
-        c.insert(
-            "volumeMounts".into(),
-            json!([{"name": v, "mountPath": TLS_MOUNT, "readOnly": true}]),
-        );
+        mounts.push(json!({"name": v, "mountPath": TLS_MOUNT, "readOnly": true}));
+    }
+    if let Some(v) = causal_volume {
+        // Writable: the proxy creates the table and copies the library here at start-up.
+        mounts.push(json!({"name": v, "mountPath": CAUSAL_MOUNT}));
+    }
+    if !mounts.is_empty() {
+        c.insert("volumeMounts".into(), Value::Array(mounts));
     }
     Value::Object(c)
 }
@@ -454,6 +660,13 @@ pub fn uninject(pod: &mut Value) -> Result<bool, UninjectError> {
                 if let Some(vars) = record.env.get(&name) {
                     remove_named(c, "env", vars, created(&format!("env:{name}")));
                 }
+                if let Some(original) = record.preload.get(&name) {
+                    restore_preload(c, original.as_deref());
+                }
+                if let Some(mounts) = record.mounts.get(&name) {
+                    let made = created(&format!("volumeMounts:{name}"));
+                    remove_named(c, "volumeMounts", mounts, made);
+                }
             }
         }
     }
@@ -470,6 +683,31 @@ pub fn uninject(pod: &mut Value) -> Result<bool, UninjectError> {
     Ok(true)
 }
 
+/// Puts back the value that the container's last `LD_PRELOAD` entry had before the library
+/// was appended (`None`: the entry had no `value`).
+fn restore_preload(container: &mut Map<String, Value>, original: Option<&str>) {
+    let entry = container
+        .get_mut("env")
+        .and_then(Value::as_array_mut)
+        .and_then(|list| {
+            list.iter_mut()
+                .rev()
+                .find(|e| e.get("name").and_then(Value::as_str) == Some(LD_PRELOAD))
+        })
+        .and_then(Value::as_object_mut);
+    let Some(entry) = entry else {
+        return;
+    };
+    match original {
+        Some(v) => {
+            entry.insert("value".to_owned(), Value::String(v.to_owned()));
+        }
+        None => {
+            entry.remove("value");
+        }
+    }
+}
+
 /// Removes the entries of `obj[key]` whose `name` is in `names` (first match each), and the
 /// list itself when it was created by injection and is now empty.
 fn remove_named(obj: &mut Map<String, Value>, key: &str, names: &[String], created: bool) {
@@ -484,6 +722,104 @@ fn remove_named(obj: &mut Map<String, Value>, key: &str, names: &[String], creat
         }
         if list.is_empty() && created {
             obj.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{EnvFromSource, EnvVar, EnvVarSource, VolumeMount};
+
+    fn var(name: &str, value: Option<&str>) -> EnvVar {
+        EnvVar {
+            name: name.into(),
+            value: value.map(str::to_owned),
+            value_from: None,
+        }
+    }
+
+    #[test]
+    fn the_library_is_appended_after_the_value_as_it_was() {
+        let lib = PRELOAD_LIBRARY;
+        assert_eq!(append_library(""), lib);
+        assert_eq!(
+            append_library("/usr/lib/libjemalloc.so"),
+            format!("/usr/lib/libjemalloc.so {lib}")
+        );
+        assert_eq!(append_library("/a.so:/b.so"), format!("/a.so:/b.so:{lib}"));
+        assert_eq!(append_library("/a.so /b.so"), format!("/a.so /b.so {lib}"));
+        assert_eq!(append_library("/a.so "), format!("/a.so {lib}"));
+        assert_eq!(append_library("/a.so:"), format!("/a.so:{lib}"));
+        for old in ["", "x", "/a.so:/b.so", " $(EXTRA) ", "é"] {
+            assert!(append_library(old).starts_with(old), "{old:?}");
+        }
+    }
+
+    #[test]
+    fn plans_follow_the_containers_own_ld_preload() {
+        let c = |env: Vec<EnvVar>| Container {
+            name: "app".into(),
+            env: Some(env),
+            ..Container::default()
+        };
+        assert_eq!(preload_plan(&Container::default()), Ok(Preload::Add));
+        assert_eq!(
+            preload_plan(&c(vec![
+                var(LD_PRELOAD, Some("/first.so")),
+                var("X", Some("1")),
+                var(LD_PRELOAD, Some("/last.so")),
+            ])),
+            Ok(Preload::Append {
+                index: 2,
+                original: Some("/last.so".into()),
+                value: format!("/last.so {PRELOAD_LIBRARY}"),
+            }),
+            "the last entry of a name is the one Kubernetes uses"
+        );
+        assert_eq!(
+            preload_plan(&c(vec![var(LD_PRELOAD, None)])),
+            Ok(Preload::Append {
+                index: 0,
+                original: None,
+                value: PRELOAD_LIBRARY.into(),
+            })
+        );
+        assert_eq!(
+            preload_plan(&c(vec![var(
+                LD_PRELOAD,
+                Some(&format!("/a.so:{PRELOAD_LIBRARY}"))
+            )])),
+            Ok(Preload::Present)
+        );
+        let from = EnvVar {
+            value_from: Some(EnvVarSource::default()),
+            ..var(LD_PRELOAD, None)
+        };
+        assert!(preload_plan(&c(vec![from])).is_err());
+        let env_from = Container {
+            env_from: Some(vec![EnvFromSource::default()]),
+            ..Container::default()
+        };
+        assert!(preload_plan(&env_from).is_err(), "envFrom may set it");
+        let explicit = Container {
+            env: Some(vec![var(LD_PRELOAD, Some(""))]),
+            ..env_from
+        };
+        assert!(
+            matches!(preload_plan(&explicit), Ok(Preload::Append { .. })),
+            "an explicit entry wins over envFrom"
+        );
+        for path in ["/var/run/tracecar", "/var/run/tracecar/"] {
+            let busy = Container {
+                volume_mounts: Some(vec![VolumeMount {
+                    name: "mine".into(),
+                    mount_path: path.into(),
+                    ..VolumeMount::default()
+                }]),
+                ..Container::default()
+            };
+            assert!(preload_plan(&busy).is_err(), "{path}");
         }
     }
 }

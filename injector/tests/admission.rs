@@ -135,6 +135,10 @@ fn names(list: &Value) -> Vec<&str> {
         .unwrap_or_default()
 }
 
+/// Where the preload library and the causal table are, in every container that uses them.
+const LIBRARY: &str = "/var/run/tracecar/libtracecar_preload.so";
+const TABLE: &str = "/var/run/tracecar/causal";
+
 fn env<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
     container["env"]
         .as_array()?
@@ -316,16 +320,48 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
         p["metadata"]["annotations"]["tracecar.dev/proxy-version"],
         env!("CARGO_PKG_VERSION")
     );
-    assert!(
-        p["spec"].get("volumes").is_none(),
-        "no TLS secret configured: no volume"
+    // causal (the default): the shared volume, mounted in the proxy and the app; the app
+    // loads the library, and both name the table.
+    assert_eq!(
+        p["spec"]["volumes"],
+        serde_json::json!([{"name": "tracecar-causal",
+            "emptyDir": {"medium": "Memory", "sizeLimit": "8Mi"}}]),
+        "no TLS secret configured: only the causal volume"
     );
+    assert_eq!(
+        proxy["volumeMounts"],
+        serde_json::json!([{"name": "tracecar-causal", "mountPath": "/var/run/tracecar"}]),
+        "writable: the proxy puts the table and the library there"
+    );
+    assert_eq!(env(proxy, "TRACECAR_CAUSAL_TABLE"), Some(TABLE));
+    assert_eq!(env(proxy, "LD_PRELOAD"), None);
+    let app = named(&p["spec"]["containers"], "app");
+    assert_wired(app, "tracecar-causal");
+    assert_eq!(env(app, "LD_PRELOAD"), Some(LIBRARY));
+    assert_eq!(
+        named(init, "tracecar-init").get("volumeMounts"),
+        None,
+        "tracecar-init does not see the volume"
+    );
+    assert!(o["plain"].warnings.is_empty(), "{:?}", o["plain"].warnings);
 
     let p = patched("init-containers");
     assert_eq!(
         names(&p["spec"]["initContainers"]),
         ["tracecar-init", "tracecar-proxy", "migrate", "warm-cache"]
     );
+    for n in ["migrate", "warm-cache"] {
+        let c = named(&p["spec"]["initContainers"], n);
+        assert!(
+            c.get("env").is_none() && c.get("volumeMounts").is_none(),
+            "the pod's init containers are left alone: {c}"
+        );
+    }
+    assert_wired(
+        named(&p["spec"]["containers"], "checkout"),
+        "tracecar-causal",
+    );
+    assert_eq!(names(&p["spec"]["volumes"]), ["config", "tracecar-causal"]);
     assert_eq!(p["metadata"]["annotations"]["team"], "payments");
     assert_eq!(
         env(
@@ -336,7 +372,10 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
     );
 
     let p = patched("existing-volumes-tls");
-    assert_eq!(names(&p["spec"]["volumes"]), ["data", "tracecar-otlp-tls"]);
+    assert_eq!(
+        names(&p["spec"]["volumes"]),
+        ["data", "tracecar-otlp-tls", "tracecar-causal"]
+    );
     assert_eq!(
         named(&p["spec"]["volumes"], "tracecar-otlp-tls")["secret"],
         serde_json::json!({"secretName": "otel-client-tls", "optional": true}),
@@ -398,6 +437,8 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
         Some("tracecontext,b3multi,jaeger")
     );
     assert_eq!(env(proxy, "TRACECAR_CORRELATION"), Some("off"));
+    assert_eq!(env(proxy, "TRACECAR_CAUSAL_TABLE"), None);
+    assert!(p["spec"].get("volumes").is_none(), "off: no causal volume");
     assert_eq!(env(proxy, "TRACECAR_LOG"), Some("debug"));
     assert_eq!(
         env(proxy, "OTEL_EXPORTER_OTLP_ENDPOINT"),
@@ -473,7 +514,11 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
     );
     assert_eq!(
         names(&p["spec"]["volumes"]),
-        ["tracecar-otlp-tls", "tracecar-otlp-tls-1"]
+        [
+            "tracecar-otlp-tls",
+            "tracecar-otlp-tls-1",
+            "tracecar-causal"
+        ]
     );
     let proxy = named(&p["spec"]["initContainers"], "tracecar-proxy-2");
     assert_eq!(proxy["volumeMounts"][0]["name"], "tracecar-otlp-tls-1");
@@ -531,6 +576,10 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
     let p = patched("container-mode");
     assert!(p["spec"].get("initContainers").is_none());
     assert_eq!(names(&p["spec"]["containers"]), ["tracecar-proxy", "app"]);
+    let app = named(&p["spec"]["containers"], "app");
+    assert_wired(app, "tracecar-causal");
+    assert_eq!(env(app, "HTTP_PROXY"), Some("http://127.0.0.1:15140"));
+    assert_eq!(env(app, "LD_PRELOAD"), Some(LIBRARY));
     let proxy = named(&p["spec"]["containers"], "tracecar-proxy");
     assert!(proxy.get("restartPolicy").is_none());
     assert_eq!(
@@ -559,6 +608,8 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
         Some("k8s.cronjob.name=report")
     );
 
+    check_preload(o);
+
     let p = patched("opt-in-enabled");
     assert_eq!(
         env(
@@ -567,4 +618,188 @@ fn check_behaviour(o: &BTreeMap<String, Outcome>) {
         ),
         Some("lonely")
     );
+}
+
+/// How many env entries of `container` are named `name`.
+fn count(container: &Value, name: &str) -> usize {
+    container["env"]
+        .as_array()
+        .map_or(0, |l| l.iter().filter(|e| e["name"] == name).count())
+}
+
+/// `container` loads the library from `volume` (mounted at /var/run/tracecar) and names the
+/// table; its `LD_PRELOAD` (one entry) ends with the library.
+fn assert_wired(container: &Value, volume: &str) {
+    let mounts = container["volumeMounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        mounts.contains(&serde_json::json!({"name": volume, "mountPath": "/var/run/tracecar"})),
+        "{container}"
+    );
+    assert_eq!(count(container, "LD_PRELOAD"), 1, "{container}");
+    assert!(
+        env(container, "LD_PRELOAD").is_some_and(|v| v.ends_with(LIBRARY)),
+        "{container}"
+    );
+    assert_eq!(count(container, "TRACECAR_CAUSAL_TABLE"), 1, "{container}");
+}
+
+/// `container` was given nothing of the preload library.
+fn assert_not_wired(container: &Value) {
+    let mounts = container["volumeMounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        !mounts.iter().any(|m| m["mountPath"] == "/var/run/tracecar"),
+        "{container}"
+    );
+    assert!(
+        env(container, "LD_PRELOAD").is_none_or(|v| !v.contains(LIBRARY)),
+        "{container}"
+    );
+    assert_eq!(env(container, "TRACECAR_CAUSAL_TABLE"), None, "{container}");
+}
+
+/// The preload library's wiring (issue 12), fixture by fixture.
+fn check_preload(o: &BTreeMap<String, Outcome>) {
+    let patched = |n: &str| {
+        o[n].patched
+            .as_ref()
+            .unwrap_or_else(|| panic!("{n} was not injected"))
+    };
+    let proxy_of = |p: &Value| -> Value {
+        let all = [&p["spec"]["initContainers"], &p["spec"]["containers"]];
+        all.iter()
+            .filter_map(|l| l.as_array())
+            .flatten()
+            .find(|c| c["command"] == serde_json::json!(["tracecar-proxy", "run"]))
+            .cloned()
+            .expect("a proxy")
+    };
+
+    // The app's own LD_PRELOAD stays first, byte for byte; the library is appended once.
+    let p = patched("preload-existing");
+    let app = named(&p["spec"]["containers"], "app");
+    assert_wired(app, "tracecar-causal");
+    assert_eq!(
+        app["env"][0],
+        serde_json::json!({"name": "LD_PRELOAD",
+            "value": format!("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 {LIBRARY}")})
+    );
+    assert_eq!(env(app, "TZ"), Some("UTC"));
+    let batch = named(&p["spec"]["containers"], "batch");
+    assert_wired(batch, "tracecar-causal");
+    assert_eq!(
+        env(batch, "LD_PRELOAD"),
+        Some(format!("/opt/a.so:/opt/b.so:{LIBRARY}").as_str())
+    );
+    assert!(o["preload-existing"].warnings.is_empty());
+
+    // valueFrom / envFrom: not replaced, not touched, and the user is told.
+    let p = patched("preload-value-from");
+    let app = named(&p["spec"]["containers"], "app");
+    assert_not_wired(app);
+    assert_eq!(
+        app["env"],
+        serde_json::json!([{"name": "LD_PRELOAD", "valueFrom":
+            {"configMapKeyRef": {"name": "app-preload", "key": "preload"}}}])
+    );
+    let configured = named(&p["spec"]["containers"], "configured");
+    assert_not_wired(configured);
+    assert!(configured.get("env").is_none());
+    assert_wired(named(&p["spec"]["containers"], "web"), "tracecar-causal");
+    let w = &o["preload-value-from"].warnings;
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w[0].starts_with(
+            "tracecar.dev/correlation: container \"app\": its LD_PRELOAD is set with valueFrom"
+        ),
+        "{w:?}"
+    );
+    assert!(
+        w[1].starts_with("tracecar.dev/correlation: container \"configured\": it has envFrom"),
+        "{w:?}"
+    );
+    assert_eq!(env(&proxy_of(p), "TRACECAR_CAUSAL_TABLE"), Some(TABLE));
+
+    // Several containers, names taken, paths taken, a table named by the app.
+    let p = patched("causal-containers");
+    assert_eq!(
+        names(&p["spec"]["volumes"]),
+        ["tracecar-causal", "run", "tracecar-causal-1"]
+    );
+    let c = &p["spec"]["containers"];
+    let api = named(c, "api");
+    assert_wired(api, "tracecar-causal-1");
+    assert_eq!(api["volumeMounts"][0]["mountPath"], "/cache");
+    assert_eq!(env(api, "PORT"), Some("8080"));
+    assert_wired(named(c, "worker"), "tracecar-causal-1");
+    let own = named(c, "own-table");
+    assert_wired(own, "tracecar-causal-1");
+    assert_eq!(
+        env(own, "TRACECAR_CAUSAL_TABLE"),
+        Some("/var/run/tracecar/custom")
+    );
+    let busy = named(c, "busy-path");
+    assert_eq!(
+        busy["volumeMounts"],
+        serde_json::json!([{"name": "run", "mountPath": "/var/run/tracecar/"}])
+    );
+    assert!(busy.get("env").is_none());
+    let w = &o["causal-containers"].warnings;
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(w[0].contains("\"busy-path\": it already uses the path /var/run/tracecar"));
+    let migrate = named(&p["spec"]["initContainers"], "migrate");
+    assert_eq!(
+        migrate,
+        &serde_json::json!({"name": "migrate", "image": "busybox:1.36"})
+    );
+    let proxy = proxy_of(p);
+    assert_eq!(proxy["volumeMounts"][0]["name"], "tracecar-causal-1");
+
+    // Opted out per pod or for the cluster: nothing added; the pod annotation wins.
+    for n in ["correlation-off", "cluster-inflight"] {
+        let p = patched(n);
+        assert!(p["spec"].get("volumes").is_none(), "{n}");
+        for c in p["spec"]["containers"].as_array().unwrap() {
+            assert_not_wired(c);
+        }
+        let proxy = proxy_of(p);
+        assert_eq!(env(&proxy, "TRACECAR_CAUSAL_TABLE"), None, "{n}");
+        assert!(proxy.get("volumeMounts").is_none(), "{n}");
+    }
+    assert_eq!(
+        named(&patched("correlation-off")["spec"]["containers"], "app")["env"],
+        serde_json::json!([{"name": "LD_PRELOAD", "value": "/usr/lib/libjemalloc.so"}])
+    );
+    assert_eq!(
+        env(
+            &proxy_of(patched("cluster-inflight")),
+            "TRACECAR_CORRELATION"
+        ),
+        Some("inflight")
+    );
+    let p = patched("cluster-inflight-pod-causal");
+    assert_wired(named(&p["spec"]["containers"], "app"), "tracecar-causal");
+    assert_eq!(env(&proxy_of(p), "TRACECAR_CORRELATION"), Some("causal"));
+
+    // Container mode: the proxy goes first; the app's own changes land on the app.
+    let p = patched("container-mode-preload");
+    let c = &p["spec"]["containers"];
+    assert_eq!(names(c), ["tracecar-proxy", "app", "side"]);
+    let app = named(c, "app");
+    assert_wired(app, "tracecar-causal");
+    assert_eq!(
+        env(app, "LD_PRELOAD"),
+        Some(format!("/usr/lib/libtcmalloc.so {LIBRARY}").as_str())
+    );
+    assert_eq!(names(&app["volumeMounts"]), ["data", "tracecar-causal"]);
+    assert_wired(named(c, "side"), "tracecar-causal");
+    let proxy = named(c, "tracecar-proxy");
+    assert_eq!(env(proxy, "LD_PRELOAD"), None);
+    assert_eq!(proxy["volumeMounts"][0]["mountPath"], "/var/run/tracecar");
+    assert_eq!(names(&p["spec"]["initContainers"]), ["tracecar-init"]);
 }

@@ -215,6 +215,83 @@ fn tls_secret_in_container_mode_round_trip() {
 }
 
 #[test]
+fn preload_wiring_round_trip_restores_ld_preload_byte_for_byte() {
+    const LIB: &str = "/var/run/tracecar/libtracecar_preload.so";
+    // Every shape of LD_PRELOAD a container can have, in both sidecar modes.
+    let pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {
+            "containers": [
+                {"name": "spaces", "image": "app",
+                    "env": [{"name": "LD_PRELOAD", "value": " /a.so  $(EXTRA) "},
+                            {"name": "X", "value": "1"}],
+                    "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                {"name": "colons", "image": "app",
+                    "env": [{"name": "LD_PRELOAD", "value": "/a.so:/b.so"}]},
+                {"name": "no-value", "image": "app", "env": [{"name": "LD_PRELOAD"}]},
+                {"name": "bare", "image": "app"},
+                {"name": "from", "image": "app", "env": [{"name": "LD_PRELOAD",
+                    "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}]},
+                {"name": "env-from", "image": "app",
+                    "envFrom": [{"configMapRef": {"name": "settings"}}]}
+            ],
+            "volumes": [{"name": "data", "emptyDir": {}}]
+        }
+    });
+    let text = serde_json::to_string(&pod).unwrap();
+    for mode in ["native", "container"] {
+        let (out, err, code) = run(&["inject", "--sidecar-mode", mode], &text, &[]);
+        assert_eq!(code, Some(0), "{err}");
+        let injected: Value = serde_json::from_str(&out).unwrap();
+        let c = |name: &str| {
+            injected["spec"]["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["name"] == name)
+                .unwrap()
+                .clone()
+        };
+        assert_eq!(
+            env(&c("spaces"), "LD_PRELOAD"),
+            Some(format!(" /a.so  $(EXTRA) {LIB}").as_str())
+        );
+        assert_eq!(
+            env(&c("colons"), "LD_PRELOAD"),
+            Some(format!("/a.so:/b.so:{LIB}").as_str())
+        );
+        assert_eq!(env(&c("no-value"), "LD_PRELOAD"), Some(LIB));
+        assert_eq!(env(&c("bare"), "LD_PRELOAD"), Some(LIB));
+        for n in ["spaces", "colons", "no-value", "bare"] {
+            assert_eq!(
+                env(&c(n), "TRACECAR_CAUSAL_TABLE"),
+                Some("/var/run/tracecar/causal"),
+                "{n}"
+            );
+        }
+        assert_eq!(
+            c("from"),
+            pod["spec"]["containers"][4],
+            "valueFrom: untouched"
+        );
+        assert_eq!(
+            c("env-from"),
+            pod["spec"]["containers"][5],
+            "envFrom: untouched"
+        );
+        assert!(
+            err.contains("container \"from\"") && err.contains("container \"env-from\""),
+            "both are reported: {err}"
+        );
+        let (back, err, code) = run(&["inject", "--uninject"], &out, &[]);
+        assert_eq!(code, Some(0), "{err}");
+        let back: Value = serde_json::from_str(&back).unwrap();
+        assert_eq!(back, pod, "{mode}: uninject gives back the pod exactly");
+    }
+}
+
+#[test]
 fn invalid_flags_and_variables_stop_start_up_with_one_line() {
     let (_, err, code) = run(&["inject", "--capture", "ebpf"], "", &[]);
     assert_eq!(code, Some(2));

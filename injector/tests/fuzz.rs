@@ -6,7 +6,9 @@
 //!
 //! Beyond "never panics": a review that decodes always gets `allowed: true` (the webhook fails
 //! open), a body that does not decode gets an error (the 400), a patch is base64 and applies to
-//! the object as sent, and canonical parser output parses to itself.
+//! the object as sent, and canonical parser output parses to itself. The preload library's
+//! wiring keeps an app's own `LD_PRELOAD` first and unchanged, and `uninject` undoes it
+//! exactly.
 //!
 //! The case count is bounded so `cargo test` stays quick; `PROPTEST_CASES=20000 cargo test -p
 //! tracecar-injector --test fuzz` runs longer. Panics found this way are pinned as regression
@@ -169,6 +171,131 @@ proptest! {
     ) {
         check_admit(&Defaults::default(), &body)?;
     }
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Pods whose app containers have every shape of `LD_PRELOAD` (values of any text, no
+    /// value, valueFrom, several entries, envFrom, the library already named, the mount path
+    /// taken), under every policy: the wiring follows the policy, an app's own `LD_PRELOAD`
+    /// stays first and unchanged, and `uninject` gives back the pod exactly.
+    #[test]
+    fn fuzz_preload_wiring_round_trip(
+        containers in proptest::collection::vec(app_container(), 1..4),
+        mode in 0usize..3,
+        correlation in proptest::sample::select(&["causal", "inflight", "off", "bogus", ""][..]),
+    ) {
+        let containers: Vec<Value> = containers
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut c)| {
+                c["name"] = json!(format!("c{i}"));
+                c
+            })
+            .collect();
+        let mut pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"},
+            "spec": {"containers": containers}});
+        if !correlation.is_empty() {
+            pod["metadata"]["annotations"][ann::CORRELATION] = json!(correlation);
+        }
+        let defaults = defaults_variant(mode);
+        let typed: Pod = serde_json::from_value(pod.clone()).expect("generated pods decode");
+        let (settings, _) = ann::resolve(&defaults, typed.metadata.annotations.as_ref());
+        let causal = settings.correlation == "causal";
+        let Some(p) = decide(&typed, &defaults).patch else {
+            return Ok(());
+        };
+        let mut patched = pod.clone();
+        json_patch::patch(&mut patched, &p)
+            .map_err(|e| TestCaseError::fail(format!("patch does not apply: {e}")))?;
+        let again: Pod = serde_json::from_value(patched.clone())
+            .map_err(|e| TestCaseError::fail(format!("patched pod does not decode: {e}")))?;
+        prop_assert_eq!(decide(&again, &defaults).reason, Reason::AlreadyInjected);
+
+        let preloads = |c: &Value| -> Vec<Value> {
+            c["env"].as_array().map_or(Vec::new(), |l| {
+                l.iter().filter(|e| e["name"] == "LD_PRELOAD").cloned().collect()
+            })
+        };
+        let after_all = patched["spec"]["containers"].as_array().cloned().unwrap_or_default();
+        for before in pod["spec"]["containers"].as_array().into_iter().flatten() {
+            let after = after_all
+                .iter()
+                .find(|c| c["name"] == before["name"])
+                .ok_or_else(|| TestCaseError::fail("an app container went missing"))?;
+            let (b, a) = (preloads(before), preloads(after));
+            if !causal {
+                prop_assert_eq!(&a, &b, "{} changed LD_PRELOAD", settings.correlation);
+                prop_assert_eq!(&after["volumeMounts"], &before["volumeMounts"]);
+                continue;
+            }
+            match b.split_last() {
+                None => prop_assert!(a.len() <= 1, "{:?}", a),
+                Some((last, rest)) => {
+                    prop_assert_eq!(a.len(), b.len(), "an entry was added next to the app's own");
+                    prop_assert_eq!(&a[..rest.len()], rest, "only the last entry may change");
+                    let old = last["value"].as_str().unwrap_or("");
+                    let new = a[rest.len()]["value"].as_str().unwrap_or("");
+                    prop_assert!(new.starts_with(old), "{:?} -> {:?}", old, new);
+                }
+            }
+        }
+
+        let mut back = patched;
+        prop_assert_eq!(patch::uninject(&mut back).ok(), Some(true));
+        prop_assert_eq!(back, pod);
+    }
+}
+
+/// An app container (named by the caller) with an arbitrary mix of `LD_PRELOAD` entries,
+/// other variables, `envFrom` and volume mounts.
+fn app_container() -> impl Strategy<Value = Value> {
+    const LIB: &str = "/var/run/tracecar/libtracecar_preload.so";
+    let value = prop_oneof![
+        4 => text(),
+        1 => Just(LIB.to_owned()),
+        1 => Just(format!("/usr/lib/libjemalloc.so:{LIB}")),
+        1 => Just(String::new()),
+    ];
+    let entry = (0u8..5, value).prop_map(|(kind, v)| match kind {
+        0 => json!({"name": "LD_PRELOAD", "value": v}),
+        1 => json!({"name": "LD_PRELOAD"}),
+        2 => json!({"name": "LD_PRELOAD",
+            "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}),
+        3 => json!({"name": "TRACECAR_CAUSAL_TABLE", "value": v}),
+        _ => json!({"name": "OTHER", "value": v}),
+    });
+    let mount = proptest::sample::select(
+        &[
+            "/var/run/tracecar",
+            "/var/run/tracecar/",
+            "/var/run",
+            "/data",
+        ][..],
+    );
+    (
+        proptest::option::of(proptest::collection::vec(entry, 0..4)),
+        any::<bool>(),
+        proptest::option::of(proptest::collection::vec(mount, 0..2)),
+    )
+        .prop_map(|(env, env_from, mounts)| {
+            let mut c = json!({"name": "", "image": "app"});
+            if let Some(env) = env {
+                c["env"] = Value::Array(env);
+            }
+            if env_from {
+                c["envFrom"] = json!([{"configMapRef": {"name": "settings"}}]);
+            }
+            if let Some(m) = mounts {
+                c["volumeMounts"] = m
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| json!({"name": format!("v{i}"), "mountPath": p}))
+                    .collect();
+            }
+            c
+        })
 }
 
 proptest! {
@@ -454,6 +581,9 @@ fn injection_record() -> impl Strategy<Value = String> {
                     "volumes",
                     "initContainers",
                     "env:app",
+                    "volumeMounts:app",
+                    "tracecar-causal",
+                    "LD_PRELOAD",
                     "",
                 ][..]
             )
@@ -467,13 +597,17 @@ fn injection_record() -> impl Strategy<Value = String> {
         names(),
         names(),
         proptest::collection::btree_map(name(), names(), 0..3),
+        proptest::collection::btree_map(name(), names(), 0..3),
+        proptest::collection::btree_map(name(), proptest::option::of(text()), 0..3),
         names(),
     )
-        .prop_map(|(init, containers, volumes, env, created)| {
-            json!({"initContainers": init, "containers": containers, "volumes": volumes,
-                "env": env, "created": created})
-            .to_string()
-        })
+        .prop_map(
+            |(init, containers, volumes, env, mounts, preload, created)| {
+                json!({"initContainers": init, "containers": containers, "volumes": volumes,
+                "env": env, "mounts": mounts, "preload": preload, "created": created})
+                .to_string()
+            },
+        )
 }
 
 /// Arbitrary JSON, a few levels deep.
