@@ -7,24 +7,30 @@ use std::process::Command;
 
 use common::{apps_dir, drive, have, start_app, tally, Backend, TableFile, Tally};
 
-const CLIENTS: u32 = 8;
+/// Clients in parallel: 8, or `TRACECAR_TEST_CLIENTS` for other figures.
+fn clients() -> u32 {
+    std::env::var("TRACECAR_TEST_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+}
 const PER_CLIENT: u32 = 40;
 
-/// Runs the app shape with 8 clients in parallel and checks all 640 outbound calls.
+/// Runs the app shape with the clients in parallel and checks every outbound call.
 fn check(shape: &str, cmd: impl FnOnce(u16) -> Command, per_conn: u32) {
     let table = TableFile::new();
     let backend = Backend::start(table.table.clone());
-    let (mut app, port) = start_app(cmd(backend.addr.port()), Some(&table.path()));
-    let ports = drive(port, CLIENTS, PER_CLIENT, per_conn);
-    let _ = app.kill();
-    let _ = app.wait();
+    let (app, port) = start_app(cmd(backend.addr.port()), Some(&table.path()));
+    let ports = drive(port, clients(), PER_CLIENT, per_conn);
+    drop(app);
     let seen = backend.seen.lock().unwrap().clone();
     let t = tally(&seen, &ports);
     eprintln!(
-        "{shape}: {CLIENTS} clients in parallel: {t:?} of {}",
+        "{shape}: {} clients in parallel: {t:?} of {}",
+        clients(),
         seen.len()
     );
-    let expected = (CLIENTS * PER_CLIENT * 2) as usize;
+    let expected = (clients() * PER_CLIENT * 2) as usize;
     assert_eq!(
         seen.len(),
         expected,
@@ -95,10 +101,9 @@ fn node_timer_shape_figures() {
     cmd.arg(apps_dir().join("frontend.js"))
         .arg(backend.addr.port().to_string())
         .arg("timer");
-    let (mut app, port) = start_app(cmd, Some(&table.path()));
-    let ports = drive(port, CLIENTS, PER_CLIENT, 5);
-    let _ = app.kill();
-    let _ = app.wait();
+    let (app, port) = start_app(cmd, Some(&table.path()));
+    let ports = drive(port, clients(), PER_CLIENT, 5);
+    drop(app);
     let seen = backend.seen.lock().unwrap().clone();
     eprintln!("node timer: {:?} of {}", tally(&seen, &ports), seen.len());
 }
@@ -111,10 +116,9 @@ fn without_the_library_nothing_is_published() {
     let backend = Backend::start(table.table.clone());
     let mut cmd = python("threaded")(backend.addr.port());
     cmd.env("TRACECAR_CAUSAL_TABLE", table.path());
-    let (mut app, port) = common::start_plain(cmd);
+    let (app, port) = common::start_plain(cmd);
     let ports = drive(port, 2, 5, 1);
-    let _ = app.kill();
-    let _ = app.wait();
+    drop(app);
     let seen = backend.seen.lock().unwrap().clone();
     let t = tally(&seen, &ports);
     assert_eq!((t.unknown, t.correct, t.wrong), (20, 0, 0));
@@ -146,16 +150,16 @@ fn jvm_thread_pool() {
 fn python_asyncio_is_never_wrong() {
     let table = TableFile::new();
     let backend = Backend::start(table.table.clone());
-    let (mut app, port) = start_app(python("asyncio")(backend.addr.port()), Some(&table.path()));
-    let ports = drive(port, CLIENTS, PER_CLIENT, 5);
-    let _ = app.kill();
-    let _ = app.wait();
+    let (app, port) = start_app(python("asyncio")(backend.addr.port()), Some(&table.path()));
+    let ports = drive(port, clients(), PER_CLIENT, 5);
+    drop(app);
     let seen = backend.seen.lock().unwrap().clone();
     let t = tally(&seen, &ports);
     eprintln!(
-        "python asyncio: {CLIENTS} clients in parallel: {t:?} of {}",
+        "python asyncio: {} clients in parallel: {t:?} of {}",
+        clients(),
         seen.len()
     );
-    assert_eq!(seen.len(), (CLIENTS * PER_CLIENT * 2) as usize);
+    assert_eq!(seen.len(), (clients() * PER_CLIENT * 2) as usize);
     assert_eq!(t.wrong, 0, "{t:?}");
 }
