@@ -2,8 +2,10 @@
 //! and publishes the cause of each outbound request in the causal table for the proxy.
 //!
 //! Loaded with `LD_PRELOAD` into the app's processes. It does nothing unless the table named by
-//! `TRACECAR_CAUSAL_TABLE` (default `/var/run/tracecar/causal`) exists and is valid, and it
-//! never changes what a call returns (value or `errno`). See docs/causal.md.
+//! `TRACECAR_CAUSAL_TABLE` (default `/var/run/tracecar/causal`) exists and is valid (looked for
+//! at load, then again now and then at `accept`/`connect` until found, in case the proxy
+//! creates it after the app started), and it never changes what a call returns (value or
+//! `errno`). See docs/causal.md.
 //!
 //! - [`real`]: the wrapped libc functions, found lazily with `dlsym(RTLD_NEXT, ..)`.
 //! - [`fds`]: what is known about each file descriptor (inbound, outbound, untracked).
@@ -37,9 +39,7 @@ extern "C" fn init() {
             CStr::from_ptr(p)
         }
     };
-    if let Ok(table) = tracecar_causal::Table::open_cstr(path) {
-        track::activate(table);
-    }
+    track::start(path);
 }
 
 #[used]

@@ -163,3 +163,31 @@ fn python_asyncio_is_never_wrong() {
     assert_eq!(seen.len(), (clients() * PER_CLIENT * 2) as usize);
     assert_eq!(t.wrong, 0, "{t:?}");
 }
+
+/// The proxy may create the table after the app started: the library keeps looking for it
+/// (now and then, at `accept`/`connect`) and follows causality from then on.
+#[test]
+fn a_table_created_after_the_app_started_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("causal");
+    let staged = dir.path().join("staged");
+    let table = std::sync::Arc::new(tracecar_causal::Table::create(&staged, 4096).unwrap());
+    let backend = Backend::start(table.clone());
+    let (app, port) = start_app(python("threaded")(backend.addr.port()), Some(&path));
+    drive(port, 2, 5, 1);
+    assert_eq!(table.entries().count(), 0, "nothing to publish into yet");
+    backend.seen.lock().unwrap().clear();
+    std::fs::rename(&staged, &path).unwrap();
+    let ports = drive(port, 4, 40, 1);
+    drop(app);
+    let seen = backend.seen.lock().unwrap().clone();
+    let t = tally(&seen, &ports);
+    eprintln!(
+        "table created after the app started: {t:?} of {}",
+        seen.len()
+    );
+    assert_eq!(t.wrong, 0);
+    // The next look is at the 64th accept/connect (3 per request) since load, 30 of them
+    // before the table appeared: about 12 requests (24 calls) go by unknown first.
+    assert!(t.correct >= 320 - 2 * 16, "{t:?}");
+}
