@@ -13,6 +13,9 @@
 //! - [`sock`]: socket addresses and the few `getsock*` calls the rules need.
 //! - [`track`]: the rules: what each call means for the thread and the fd, and publishing.
 //! - [`hooks`]: the exported symbols that replace libc's.
+//!
+//! `node/tracecar.js` is the Node.js runtime hook: it tells the library the cause of each
+//! callback (timers, promise continuations) through `track::runtime_says`.
 
 mod fds;
 mod hooks;

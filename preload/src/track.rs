@@ -200,6 +200,33 @@ pub fn read(fd: c_int, n: ssize_t) {
     }
 }
 
+/// The fd a runtime hook writes to (the largest an `int` fd can be; no process has it open:
+/// the kernel's limit on open files is far lower), so a write to it never reaches the kernel
+/// when the library is active, and fails with `EBADF` as always when it is not.
+pub const RUNTIME_FD: c_int = 0x7fff_fffe;
+const RUNTIME_MAGIC: [u8; 4] = *b"TRCC";
+
+/// A runtime hook's message, written to [`RUNTIME_FD`]: `TRCC` then the inbound connection's
+/// peer port as a little-endian u32 (0: none). The calling thread now works for it. Returns
+/// what the write returns (its length), or `None` to let the write go to the kernel.
+///
+/// # Safety
+/// `buf` is valid for reads of `n` bytes (the write's own contract).
+pub unsafe fn runtime_says(buf: *const libc::c_void, n: libc::size_t) -> Option<ssize_t> {
+    table()?;
+    if n != 8 || buf.is_null() {
+        return None;
+    }
+    // SAFETY: `buf` holds `n` = 8 readable bytes.
+    let msg = unsafe { buf.cast::<[u8; 8]>().read_unaligned() };
+    if msg[..4] != RUNTIME_MAGIC {
+        return None;
+    }
+    let port = u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]);
+    thread::set(Cause::runtime(u16::try_from(port).unwrap_or(0)));
+    Some(8)
+}
+
 /// After `epoll_wait` and its variants returned.
 pub fn event_loop_turned() {
     if table().is_some() {

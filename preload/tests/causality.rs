@@ -47,6 +47,22 @@ fn check(shape: &str, cmd: impl FnOnce(u16) -> Command, per_conn: u32) {
     );
 }
 
+/// The Node.js frontend in `mode`, with the runtime hook (`--require preload/node/tracecar.js`)
+/// or without.
+fn node(mode: &'static str, hook: bool) -> impl FnOnce(u16) -> Command {
+    move |backend| {
+        let mut c = Command::new("node");
+        if hook {
+            let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node/tracecar.js");
+            c.arg("--require").arg(js);
+        }
+        c.arg(apps_dir().join("frontend.js"))
+            .arg(backend.to_string())
+            .arg(mode);
+        c
+    }
+}
+
 fn python(mode: &'static str) -> impl FnOnce(u16) -> Command {
     move |backend| {
         let mut c = Command::new("python3");
@@ -94,18 +110,39 @@ fn node_event_loop() {
 /// socket). Prints its figures; `cargo test -p tracecar-preload -- --ignored --nocapture`.
 #[test]
 #[ignore]
-fn node_timer_shape_figures() {
+fn node_timer_shape_without_the_runtime_hook_figures() {
     let table = TableFile::new();
     let backend = Backend::start(table.table.clone());
-    let mut cmd = Command::new("node");
-    cmd.arg(apps_dir().join("frontend.js"))
-        .arg(backend.addr.port().to_string())
-        .arg("timer");
-    let (app, port) = start_app(cmd, Some(&table.path()));
+    let (app, port) = start_app(
+        node("timer", false)(backend.addr.port()),
+        Some(&table.path()),
+    );
     let ports = drive(port, clients(), PER_CLIENT, 5);
     drop(app);
     let seen = backend.seen.lock().unwrap().clone();
-    eprintln!("node timer: {:?} of {}", tally(&seen, &ports), seen.len());
+    eprintln!(
+        "node timer, no hook: {:?} of {}",
+        tally(&seen, &ports),
+        seen.len()
+    );
+}
+
+#[test]
+fn node_timer_shape_with_the_runtime_hook() {
+    if !have("node") {
+        eprintln!("SKIPPED: no node");
+        return;
+    }
+    check("node timer + hook", node("timer", true), 5);
+}
+
+#[test]
+fn node_event_loop_with_the_runtime_hook() {
+    if !have("node") {
+        eprintln!("SKIPPED: no node");
+        return;
+    }
+    check("node + hook", node("sockets", true), 5);
 }
 
 /// The control: the same app without the library publishes nothing, so the figures above
@@ -190,4 +227,29 @@ fn a_table_created_after_the_app_started_is_found() {
     // The next look is at the 64th accept/connect (3 per request) since load, 30 of them
     // before the table appeared: about 12 requests (24 calls) go by unknown first.
     assert!(t.correct >= 320 - 2 * 16, "{t:?}");
+}
+
+/// The hook without the library (or without a table): its first write fails, it turns itself
+/// off, and the app serves as before.
+#[test]
+fn node_runtime_hook_without_the_library_is_harmless() {
+    if !have("node") {
+        eprintln!("SKIPPED: no node");
+        return;
+    }
+    let table = TableFile::new();
+    let backend = Backend::start(table.table.clone());
+    for preload in [false, true] {
+        let mut cmd = node("timer", true)(backend.addr.port());
+        if preload {
+            cmd.env("LD_PRELOAD", common::library());
+        }
+        cmd.env("TRACECAR_CAUSAL_TABLE", "/nonexistent/causal");
+        let (app, port) = common::start_plain(cmd);
+        let ports = drive(port, 2, 10, 5);
+        drop(app);
+        assert_eq!(ports.len(), 20);
+    }
+    assert_eq!(backend.seen.lock().unwrap().len(), 80);
+    assert_eq!(table.table.entries().count(), 0);
 }
