@@ -203,6 +203,12 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssiz
 
 #[no_mangle]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
+    if fd == track::RUNTIME_FD {
+        // SAFETY: `buf`/`n` are the write's own arguments.
+        if let Some(r) = unsafe { track::runtime_says(buf, n) } {
+            return r;
+        }
+    }
     track::writing(fd);
     call_real!(
         real::WRITE,

@@ -2,8 +2,10 @@
 //! and publishes the cause of each outbound request in the causal table for the proxy.
 //!
 //! Loaded with `LD_PRELOAD` into the app's processes. It does nothing unless the table named by
-//! `TRACECAR_CAUSAL_TABLE` (default `/var/run/tracecar/causal`) exists and is valid, and it
-//! never changes what a call returns (value or `errno`). See docs/causal.md.
+//! `TRACECAR_CAUSAL_TABLE` (default `/var/run/tracecar/causal`) exists and is valid (looked for
+//! at load, then again now and then at `accept`/`connect` until found, in case the proxy
+//! creates it after the app started), and it never changes what a call returns (value or
+//! `errno`). See docs/causal.md.
 //!
 //! - [`real`]: the wrapped libc functions, found lazily with `dlsym(RTLD_NEXT, ..)`.
 //! - [`fds`]: what is known about each file descriptor (inbound, outbound, untracked).
@@ -11,6 +13,9 @@
 //! - [`sock`]: socket addresses and the few `getsock*` calls the rules need.
 //! - [`track`]: the rules: what each call means for the thread and the fd, and publishing.
 //! - [`hooks`]: the exported symbols that replace libc's.
+//!
+//! `node/tracecar.js` is the Node.js runtime hook: it tells the library the cause of each
+//! callback (timers, promise continuations) through `track::runtime_says`.
 
 mod fds;
 mod hooks;
@@ -37,9 +42,7 @@ extern "C" fn init() {
             CStr::from_ptr(p)
         }
     };
-    if let Ok(table) = tracecar_causal::Table::open_cstr(path) {
-        track::activate(table);
-    }
+    track::start(path);
 }
 
 #[used]

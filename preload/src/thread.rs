@@ -2,7 +2,8 @@
 //!
 //! A [`Cause`] names an inbound connection by its fd, the generation it got at `accept`, and
 //! its peer port (what is published). It is only used while that fd still holds that
-//! connection ([`Cause::port`]); otherwise the cause is unknown and 0 is published.
+//! connection ([`Cause::port`]); otherwise the cause is unknown and 0 is published. A runtime
+//! hook (see `track::runtime_says`) names a cause by its port alone.
 
 use std::cell::Cell;
 
@@ -10,6 +11,10 @@ use crate::fds::{self, Kind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cause(u64);
+
+/// fd 0xffff with generation 0, which no accepted connection has (generations start at 1):
+/// marks a cause from a runtime hook.
+const RUNTIME: u64 = 0xffff << 16;
 
 impl Cause {
     pub const NONE: Cause = Cause(0);
@@ -20,6 +25,15 @@ impl Cause {
                 Cause(u64::from(port) | u64::from(fd) << 16 | u64::from(gen) << 32)
             }
             _ => Cause::NONE,
+        }
+    }
+
+    /// A cause a runtime hook named (it knows the inbound connection only by its port).
+    pub fn runtime(port: u16) -> Cause {
+        if port == 0 {
+            Cause::NONE
+        } else {
+            Cause(u64::from(port) | RUNTIME)
         }
     }
 
@@ -37,6 +51,9 @@ impl Cause {
             return 0;
         }
         let port = self.0 as u16;
+        if self.0 & !0xffff == RUNTIME {
+            return port;
+        }
         let fd = libc::c_int::from((self.0 >> 16) as u16);
         let gen = (self.0 >> 32) as u32;
         match fds::get(fd).map(|f| f.kind()) {

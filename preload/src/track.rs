@@ -19,7 +19,9 @@
 //! Everything here runs around the real call, never instead of it; `errno` is kept, nothing
 //! can unwind into the app, and an untracked fd or a missing table costs one or two loads.
 
+use std::ffi::CStr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use libc::{c_int, sockaddr, socklen_t, ssize_t};
@@ -31,11 +33,47 @@ use crate::thread::{self, Cause};
 
 static TABLE: OnceLock<Table> = OnceLock::new();
 
-pub fn activate(t: Table) {
-    let _ = TABLE.set(t);
+/// The table's path (NUL-terminated), kept at load for later attempts; empty if too long.
+static PATH: OnceLock<[u8; PATH_MAX]> = OnceLock::new();
+const PATH_MAX: usize = 512;
+/// `accept`/`connect` calls seen while the table was missing; every `RETRY_EVERY`th looks again.
+static MISSES: AtomicU32 = AtomicU32::new(0);
+const RETRY_EVERY: u32 = 64;
+
+/// At load: remembers the path and opens the table if it is there.
+pub fn start(path: &CStr) {
+    let bytes = path.to_bytes_with_nul();
+    let mut buf = [0u8; PATH_MAX];
+    if let Some(dst) = buf.get_mut(..bytes.len()) {
+        dst.copy_from_slice(bytes);
+        let _ = PATH.set(buf);
+    }
+    open();
+}
+
+fn open() {
+    let Some(buf) = PATH.get() else { return };
+    let Ok(path) = CStr::from_bytes_until_nul(buf) else {
+        return;
+    };
+    if let Ok(t) = Table::open_cstr(path) {
+        let _ = TABLE.set(t);
+    }
 }
 
 fn table() -> Option<&'static Table> {
+    TABLE.get()
+}
+
+/// The table; while it is missing, now and then another look (the proxy may create it after
+/// the app started). Only on `accept`/`connect`, never on reads and writes.
+fn table_or_retry() -> Option<&'static Table> {
+    if let Some(t) = TABLE.get() {
+        return Some(t);
+    }
+    if MISSES.fetch_add(1, Ordering::Relaxed) % RETRY_EVERY == RETRY_EVERY - 1 {
+        guarded(open);
+    }
     TABLE.get()
 }
 
@@ -51,7 +89,7 @@ fn guarded(f: impl FnOnce()) {
 /// After `accept`/`accept4` returned `fd` (with the peer address in `addr`, if given, in a
 /// buffer of `cap` bytes).
 pub fn accepted(fd: c_int, addr: *const sockaddr, len: *const socklen_t, cap: socklen_t) {
-    if fd < 0 || table().is_none() {
+    if fd < 0 || table_or_retry().is_none() {
         return;
     }
     let Some(slot) = fds::get(fd) else { return };
@@ -80,7 +118,7 @@ pub fn accepted(fd: c_int, addr: *const sockaddr, len: *const socklen_t, cap: so
 
 /// After `connect(fd, addr)` returned `ret` (with `errno` as it set it).
 pub fn connected(fd: c_int, addr: *const sockaddr, len: socklen_t, ret: c_int) {
-    let Some(t) = table() else { return };
+    let Some(t) = table_or_retry() else { return };
     guarded(|| {
         // SAFETY: __errno_location is always valid for the calling thread.
         let err = unsafe { *libc::__errno_location() };
@@ -160,6 +198,33 @@ pub fn read(fd: c_int, n: ssize_t) {
         }
         Kind::Untracked => {}
     }
+}
+
+/// The fd a runtime hook writes to (the largest an `int` fd can be; no process has it open:
+/// the kernel's limit on open files is far lower), so a write to it never reaches the kernel
+/// when the library is active, and fails with `EBADF` as always when it is not.
+pub const RUNTIME_FD: c_int = 0x7fff_fffe;
+const RUNTIME_MAGIC: [u8; 4] = *b"TRCC";
+
+/// A runtime hook's message, written to [`RUNTIME_FD`]: `TRCC` then the inbound connection's
+/// peer port as a little-endian u32 (0: none). The calling thread now works for it. Returns
+/// what the write returns (its length), or `None` to let the write go to the kernel.
+///
+/// # Safety
+/// `buf` is valid for reads of `n` bytes (the write's own contract).
+pub unsafe fn runtime_says(buf: *const libc::c_void, n: libc::size_t) -> Option<ssize_t> {
+    table()?;
+    if n != 8 || buf.is_null() {
+        return None;
+    }
+    // SAFETY: `buf` holds `n` = 8 readable bytes.
+    let msg = unsafe { buf.cast::<[u8; 8]>().read_unaligned() };
+    if msg[..4] != RUNTIME_MAGIC {
+        return None;
+    }
+    let port = u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]);
+    thread::set(Cause::runtime(u16::try_from(port).unwrap_or(0)));
+    Some(8)
 }
 
 /// After `epoll_wait` and its variants returned.

@@ -7,24 +7,30 @@ use std::process::Command;
 
 use common::{apps_dir, drive, have, start_app, tally, Backend, TableFile, Tally};
 
-const CLIENTS: u32 = 8;
+/// Clients in parallel: 8, or `TRACECAR_TEST_CLIENTS` for other figures.
+fn clients() -> u32 {
+    std::env::var("TRACECAR_TEST_CLIENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+}
 const PER_CLIENT: u32 = 40;
 
-/// Runs the app shape with 8 clients in parallel and checks all 640 outbound calls.
+/// Runs the app shape with the clients in parallel and checks every outbound call.
 fn check(shape: &str, cmd: impl FnOnce(u16) -> Command, per_conn: u32) {
     let table = TableFile::new();
     let backend = Backend::start(table.table.clone());
-    let (mut app, port) = start_app(cmd(backend.addr.port()), Some(&table.path()));
-    let ports = drive(port, CLIENTS, PER_CLIENT, per_conn);
-    let _ = app.kill();
-    let _ = app.wait();
+    let (app, port) = start_app(cmd(backend.addr.port()), Some(&table.path()));
+    let ports = drive(port, clients(), PER_CLIENT, per_conn);
+    drop(app);
     let seen = backend.seen.lock().unwrap().clone();
     let t = tally(&seen, &ports);
     eprintln!(
-        "{shape}: {CLIENTS} clients in parallel: {t:?} of {}",
+        "{shape}: {} clients in parallel: {t:?} of {}",
+        clients(),
         seen.len()
     );
-    let expected = (CLIENTS * PER_CLIENT * 2) as usize;
+    let expected = (clients() * PER_CLIENT * 2) as usize;
     assert_eq!(
         seen.len(),
         expected,
@@ -39,6 +45,22 @@ fn check(shape: &str, cmd: impl FnOnce(u16) -> Command, per_conn: u32) {
         },
         "{shape}"
     );
+}
+
+/// The Node.js frontend in `mode`, with the runtime hook (`--require preload/node/tracecar.js`)
+/// or without.
+fn node(mode: &'static str, hook: bool) -> impl FnOnce(u16) -> Command {
+    move |backend| {
+        let mut c = Command::new("node");
+        if hook {
+            let js = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("node/tracecar.js");
+            c.arg("--require").arg(js);
+        }
+        c.arg(apps_dir().join("frontend.js"))
+            .arg(backend.to_string())
+            .arg(mode);
+        c
+    }
 }
 
 fn python(mode: &'static str) -> impl FnOnce(u16) -> Command {
@@ -88,19 +110,39 @@ fn node_event_loop() {
 /// socket). Prints its figures; `cargo test -p tracecar-preload -- --ignored --nocapture`.
 #[test]
 #[ignore]
-fn node_timer_shape_figures() {
+fn node_timer_shape_without_the_runtime_hook_figures() {
     let table = TableFile::new();
     let backend = Backend::start(table.table.clone());
-    let mut cmd = Command::new("node");
-    cmd.arg(apps_dir().join("frontend.js"))
-        .arg(backend.addr.port().to_string())
-        .arg("timer");
-    let (mut app, port) = start_app(cmd, Some(&table.path()));
-    let ports = drive(port, CLIENTS, PER_CLIENT, 5);
-    let _ = app.kill();
-    let _ = app.wait();
+    let (app, port) = start_app(
+        node("timer", false)(backend.addr.port()),
+        Some(&table.path()),
+    );
+    let ports = drive(port, clients(), PER_CLIENT, 5);
+    drop(app);
     let seen = backend.seen.lock().unwrap().clone();
-    eprintln!("node timer: {:?} of {}", tally(&seen, &ports), seen.len());
+    eprintln!(
+        "node timer, no hook: {:?} of {}",
+        tally(&seen, &ports),
+        seen.len()
+    );
+}
+
+#[test]
+fn node_timer_shape_with_the_runtime_hook() {
+    if !have("node") {
+        eprintln!("SKIPPED: no node");
+        return;
+    }
+    check("node timer + hook", node("timer", true), 5);
+}
+
+#[test]
+fn node_event_loop_with_the_runtime_hook() {
+    if !have("node") {
+        eprintln!("SKIPPED: no node");
+        return;
+    }
+    check("node + hook", node("sockets", true), 5);
 }
 
 /// The control: the same app without the library publishes nothing, so the figures above
@@ -111,10 +153,9 @@ fn without_the_library_nothing_is_published() {
     let backend = Backend::start(table.table.clone());
     let mut cmd = python("threaded")(backend.addr.port());
     cmd.env("TRACECAR_CAUSAL_TABLE", table.path());
-    let (mut app, port) = common::start_plain(cmd);
+    let (app, port) = common::start_plain(cmd);
     let ports = drive(port, 2, 5, 1);
-    let _ = app.kill();
-    let _ = app.wait();
+    drop(app);
     let seen = backend.seen.lock().unwrap().clone();
     let t = tally(&seen, &ports);
     assert_eq!((t.unknown, t.correct, t.wrong), (20, 0, 0));
@@ -146,16 +187,69 @@ fn jvm_thread_pool() {
 fn python_asyncio_is_never_wrong() {
     let table = TableFile::new();
     let backend = Backend::start(table.table.clone());
-    let (mut app, port) = start_app(python("asyncio")(backend.addr.port()), Some(&table.path()));
-    let ports = drive(port, CLIENTS, PER_CLIENT, 5);
-    let _ = app.kill();
-    let _ = app.wait();
+    let (app, port) = start_app(python("asyncio")(backend.addr.port()), Some(&table.path()));
+    let ports = drive(port, clients(), PER_CLIENT, 5);
+    drop(app);
     let seen = backend.seen.lock().unwrap().clone();
     let t = tally(&seen, &ports);
     eprintln!(
-        "python asyncio: {CLIENTS} clients in parallel: {t:?} of {}",
+        "python asyncio: {} clients in parallel: {t:?} of {}",
+        clients(),
         seen.len()
     );
-    assert_eq!(seen.len(), (CLIENTS * PER_CLIENT * 2) as usize);
+    assert_eq!(seen.len(), (clients() * PER_CLIENT * 2) as usize);
     assert_eq!(t.wrong, 0, "{t:?}");
+}
+
+/// The proxy may create the table after the app started: the library keeps looking for it
+/// (now and then, at `accept`/`connect`) and follows causality from then on.
+#[test]
+fn a_table_created_after_the_app_started_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("causal");
+    let staged = dir.path().join("staged");
+    let table = std::sync::Arc::new(tracecar_causal::Table::create(&staged, 4096).unwrap());
+    let backend = Backend::start(table.clone());
+    let (app, port) = start_app(python("threaded")(backend.addr.port()), Some(&path));
+    drive(port, 2, 5, 1);
+    assert_eq!(table.entries().count(), 0, "nothing to publish into yet");
+    backend.seen.lock().unwrap().clear();
+    std::fs::rename(&staged, &path).unwrap();
+    let ports = drive(port, 4, 40, 1);
+    drop(app);
+    let seen = backend.seen.lock().unwrap().clone();
+    let t = tally(&seen, &ports);
+    eprintln!(
+        "table created after the app started: {t:?} of {}",
+        seen.len()
+    );
+    assert_eq!(t.wrong, 0);
+    // The next look is at the 64th accept/connect (3 per request) since load, 30 of them
+    // before the table appeared: about 12 requests (24 calls) go by unknown first.
+    assert!(t.correct >= 320 - 2 * 16, "{t:?}");
+}
+
+/// The hook without the library (or without a table): its first write fails, it turns itself
+/// off, and the app serves as before.
+#[test]
+fn node_runtime_hook_without_the_library_is_harmless() {
+    if !have("node") {
+        eprintln!("SKIPPED: no node");
+        return;
+    }
+    let table = TableFile::new();
+    let backend = Backend::start(table.table.clone());
+    for preload in [false, true] {
+        let mut cmd = node("timer", true)(backend.addr.port());
+        if preload {
+            cmd.env("LD_PRELOAD", common::library());
+        }
+        cmd.env("TRACECAR_CAUSAL_TABLE", "/nonexistent/causal");
+        let (app, port) = common::start_plain(cmd);
+        let ports = drive(port, 2, 10, 5);
+        drop(app);
+        assert_eq!(ports.len(), 20);
+    }
+    assert_eq!(backend.seen.lock().unwrap().len(), 80);
+    assert_eq!(table.table.entries().count(), 0);
 }

@@ -84,6 +84,8 @@ if MODE == "asyncio":
 
 server_class = Forking if MODE == "forking" else ThreadingHTTPServer
 server_class.daemon_threads = True
+# The default backlog of 5 resets connections when many clients connect at once.
+server_class.request_queue_size = 128
 srv = server_class(("127.0.0.1", 0), Handler)
 print(srv.server_address[1], flush=True)
 srv.serve_forever()

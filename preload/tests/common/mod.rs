@@ -147,7 +147,7 @@ fn serve(conn: TcpStream, addr: SocketAddr, table: &Table, seen: &Mutex<Vec<Seen
 
 /// Starts `cmd` with the library preloaded and the table named, and reads the port it
 /// prints on its first line.
-pub fn start_app(mut cmd: Command, table: Option<&Path>) -> (Child, u16) {
+pub fn start_app(mut cmd: Command, table: Option<&Path>) -> (App, u16) {
     cmd.env("LD_PRELOAD", library());
     match table {
         Some(t) => cmd.env("TRACECAR_CAUSAL_TABLE", t),
@@ -156,8 +156,18 @@ pub fn start_app(mut cmd: Command, table: Option<&Path>) -> (Child, u16) {
     start_plain(cmd)
 }
 
+/// A running app, killed when dropped (also when a test fails).
+pub struct App(Child);
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `cmd` as it is and reads the port it prints on its first line.
-pub fn start_plain(mut cmd: Command) -> (Child, u16) {
+pub fn start_plain(mut cmd: Command) -> (App, u16) {
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -171,7 +181,7 @@ pub fn start_plain(mut cmd: Command) -> (Child, u16) {
         let _ = child.kill();
         panic!("the app printed {line:?}, not its port")
     });
-    (child, port)
+    (App(child), port)
 }
 
 /// `clients` clients in parallel, each sending `per_client` requests `GET /req/<id>` to the
