@@ -47,7 +47,10 @@ pub const CAUSAL_MOUNT: &str = "/var/run/tracecar";
 /// The causal table the proxy creates there (SPEC: the default of `TRACECAR_CAUSAL_TABLE`).
 pub const CAUSAL_TABLE: &str = "/var/run/tracecar/causal";
 /// The preload library the proxy copies there from its image.
-pub const PRELOAD_LIBRARY: &str = "/var/run/tracecar/libtracecar_preload.so";
+/// `$PLATFORM` is expanded by glibc's loader and not by musl's, which then skips the entry: an
+/// Alpine app is never stopped by a glibc library it cannot load (docs/causal.md). The proxy
+/// copies the library to each platform directory at start-up.
+pub const PRELOAD_LIBRARY: &str = "/var/run/tracecar/lib/$PLATFORM/libtracecar_preload.so";
 /// `sizeLimit` of the volume: the library and a table of the default size (4096 slots,
 /// 128 KiB) need well under 2 MiB; the limit bounds what the pod can keep in memory there.
 pub const CAUSAL_SIZE_LIMIT: &str = "8Mi";

@@ -136,7 +136,7 @@ fn names(list: &Value) -> Vec<&str> {
 }
 
 /// Where the preload library and the causal table are, in every container that uses them.
-const LIBRARY: &str = "/var/run/tracecar/libtracecar_preload.so";
+const LIBRARY: &str = "/var/run/tracecar/lib/$PLATFORM/libtracecar_preload.so";
 const TABLE: &str = "/var/run/tracecar/causal";
 
 fn env<'a>(container: &'a Value, name: &str) -> Option<&'a str> {

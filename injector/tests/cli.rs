@@ -216,7 +216,7 @@ fn tls_secret_in_container_mode_round_trip() {
 
 #[test]
 fn preload_wiring_round_trip_restores_ld_preload_byte_for_byte() {
-    const LIB: &str = "/var/run/tracecar/libtracecar_preload.so";
+    const LIB: &str = "/var/run/tracecar/lib/$PLATFORM/libtracecar_preload.so";
     // Every shape of LD_PRELOAD a container can have, in both sidecar modes.
     let pod = serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",

@@ -251,7 +251,7 @@ proptest! {
 /// An app container (named by the caller) with an arbitrary mix of `LD_PRELOAD` entries,
 /// other variables, `envFrom` and volume mounts.
 fn app_container() -> impl Strategy<Value = Value> {
-    const LIB: &str = "/var/run/tracecar/libtracecar_preload.so";
+    const LIB: &str = "/var/run/tracecar/lib/$PLATFORM/libtracecar_preload.so";
     let value = prop_oneof![
         4 => text(),
         1 => Just(LIB.to_owned()),

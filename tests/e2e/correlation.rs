@@ -172,7 +172,11 @@ async fn run_with(
         ));
         app_env.push((
             "LD_PRELOAD".to_string(),
-            volume.join("libtracecar_preload.so").display().to_string(),
+            // As the injector names it: glibc expands $PLATFORM (musl skips the entry).
+            volume
+                .join("lib/$PLATFORM/libtracecar_preload.so")
+                .display()
+                .to_string(),
         ));
         app_env.push(("TRACECAR_CAUSAL_TABLE".to_string(), table));
     }

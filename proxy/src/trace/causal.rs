@@ -11,8 +11,14 @@ use std::path::Path;
 
 use crate::config::Config;
 
-/// The library's file name next to the table.
+/// The library's file name.
 pub const LIBRARY: &str = "libtracecar_preload.so";
+
+/// The library is copied to `<table dir>/lib/<platform>/` for each of these, and the app
+/// names it `.../lib/$PLATFORM/libtracecar_preload.so`: glibc expands `$PLATFORM` (to one of
+/// these), musl does not and skips the entry, so an Alpine app is not stopped by a glibc
+/// library it cannot load (docs/causal.md).
+pub const PLATFORMS: [&str; 4] = ["x86_64", "haswell", "xeon_phi", "aarch64"];
 
 /// Creates (or reuses) the table and copies the library; `None` when there is no table.
 pub fn open(config: &Config) -> Option<tracecar_causal::Table> {
@@ -36,21 +42,25 @@ pub fn open(config: &Config) -> Option<tracecar_causal::Table> {
     Some(table)
 }
 
-/// Copies the library next to the table, atomically (a process starting meanwhile sees the
-/// old file or the new one, never half of one).
+/// Copies the library under the table's directory for every platform name, each atomically
+/// (a process starting meanwhile sees the old file or the new one, never half of one).
 fn copy_library(source: &Path, dir: &Path) {
     if !source.is_file() {
         tracing::debug!(source = %source.display(), "no preload library to copy");
         return;
     }
-    let target = dir.join(LIBRARY);
-    let partial = dir.join(format!(".{LIBRARY}.{}", std::process::id()));
-    let copied = std::fs::copy(source, &partial).and_then(|_| std::fs::rename(&partial, &target));
-    match copied {
-        Ok(()) => tracing::info!(library = %target.display(), "preload library in place"),
-        Err(e) => {
+    for platform in PLATFORMS {
+        let into = dir.join("lib").join(platform);
+        let target = into.join(LIBRARY);
+        let partial = into.join(format!(".{LIBRARY}.{}", std::process::id()));
+        let copied = std::fs::create_dir_all(&into)
+            .and_then(|()| std::fs::copy(source, &partial))
+            .and_then(|_| std::fs::rename(&partial, &target));
+        if let Err(e) = copied {
             let _ = std::fs::remove_file(&partial);
             tracing::warn!(library = %target.display(), error = %e, "cannot copy the preload library");
+            return;
         }
     }
+    tracing::info!(dir = %dir.join("lib").display(), "preload library in place");
 }
