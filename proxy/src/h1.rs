@@ -157,9 +157,9 @@ pub async fn serve(
     // later one may be awaited for the idle timeout, then has the head timeout from its first
     // byte (nginx's client_header_timeout and keepalive_timeout).
     let mut first = true;
-    // One timer per connection, moved for each wait (the head, the app's answer): resetting it
-    // costs less than making one per wait, and it is only registered while a wait is pending.
-    let mut timer = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+    // One timer per connection for every wait (the head, the idle keep-alive, the app's answer).
+    let sleep = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+    let mut timer = Deadline::new(sleep);
     let outcome = loop {
         // 1. A complete request head, routed, its span started and its head rewritten for the app.
         let waiting_since = Instant::now();
@@ -182,9 +182,7 @@ pub async fn serve(
                 tokio::time::Instant::from_std(if first { waiting_since } else { Instant::now() })
                     + limit
             });
-            if timer.deadline() != until {
-                timer.as_mut().reset(until);
-            }
+            timer.set(until);
             if inbuf.capacity() - inbuf.len() < FIRST_BUF / 4 {
                 inbuf.reserve(READ_CHUNK);
             }
@@ -193,7 +191,7 @@ pub async fn serve(
                 biased;
                 r = client.read_buf(&mut inbuf) => r,
                 _ = shutdown.changed(), if inbuf.is_empty() => Ok(0),
-                () = timer.as_mut() => {
+                () = timer.passed() => {
                     metrics.timeout(kind);
                     break Prepared::TimedOut;
                 }
@@ -231,13 +229,7 @@ pub async fn serve(
         };
         inbuf.advance(head.head_len);
         let exchanged = exchange(
-            conn,
-            client,
-            &mut inbuf,
-            &mut up,
-            head,
-            &mut out,
-            timer.as_mut(),
+            conn, client, &mut inbuf, &mut up, head, &mut out, &mut timer,
         );
         match exchanged.await {
             Ok(true) => continue,
@@ -616,7 +608,7 @@ async fn exchange(
     up: &mut Option<Upstream>,
     head: RequestHead,
     out: &mut Vec<u8>,
-    mut timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    timer: &mut Deadline<'_>,
 ) -> Result<bool, ()> {
     let pool = &*conn.shared.upstream.idle;
     // `out` holds the rewritten request head.
@@ -688,11 +680,11 @@ async fn exchange(
             let read = read_response_head(u, client, head_request, client_close || early, out);
             match limits.response_head_timeout {
                 Some(limit) => {
-                    timer.as_mut().reset(tokio::time::Instant::now() + limit);
+                    timer.set(tokio::time::Instant::now() + limit);
                     tokio::select! {
                         biased;
                         r = read => r.map_err(Failure::App),
-                        () = timer.as_mut() => Err(Failure::ResponseTimeout),
+                        () = timer.passed() => Err(Failure::ResponseTimeout),
                     }
                 }
                 None => read.await.map_err(Failure::App),
@@ -812,6 +804,42 @@ async fn exchange(
         *up = None;
     }
     Ok(!close_client)
+}
+
+/// A connection's current deadline over one timer that is moved as rarely as possible: only
+/// to an earlier deadline. A later one (the usual case: each wait ends after the one before)
+/// is checked when the timer fires, and the timer re-armed then, so a busy keep-alive
+/// connection touches the timer wheel about once per timeout period, not once per request.
+struct Deadline<'a> {
+    sleep: std::pin::Pin<&'a mut tokio::time::Sleep>,
+    /// The deadline in force; the timer is set to it or earlier, never later.
+    at: tokio::time::Instant,
+}
+
+impl<'a> Deadline<'a> {
+    fn new(sleep: std::pin::Pin<&'a mut tokio::time::Sleep>) -> Self {
+        let at = sleep.deadline();
+        Deadline { sleep, at }
+    }
+
+    fn set(&mut self, at: tokio::time::Instant) {
+        self.at = at;
+        if at < self.sleep.deadline() {
+            self.sleep.as_mut().reset(at);
+        }
+    }
+
+    /// Resolves once the deadline in force has passed (cancel-safe).
+    async fn passed(&mut self) {
+        loop {
+            self.sleep.as_mut().await;
+            if tokio::time::Instant::now() >= self.at {
+                return;
+            }
+            let at = self.at;
+            self.sleep.as_mut().reset(at);
+        }
+    }
 }
 
 /// Writes all of `buf`, waiting at most `limit` for the peer to take more. Most writes fit the
@@ -1445,6 +1473,24 @@ fn field_byte(b: u8) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The lazy deadline fires at the deadline in force, whether it was moved later (the timer
+    /// re-armed when it first fires) or earlier (the timer moved at once).
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_fires_when_it_is_due_and_not_before() {
+        let sleep = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
+        let mut d = Deadline::new(sleep);
+        let start = tokio::time::Instant::now();
+        d.set(start + Duration::from_secs(10));
+        d.set(start + Duration::from_secs(30)); // later: the timer stays, then re-arms
+        d.passed().await;
+        assert_eq!(start.elapsed(), Duration::from_secs(30));
+        let start = tokio::time::Instant::now();
+        d.set(start + Duration::from_secs(60));
+        d.set(start + Duration::from_secs(5)); // earlier: moved at once
+        d.passed().await;
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+    }
 
     /// A request for this target panics inside the proxy (test builds only), to show that a
     /// panic ends one connection and no other.
