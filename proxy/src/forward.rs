@@ -189,7 +189,10 @@ impl Upstream {
         let connector = GuardedConnector {
             inner,
             own,
-            stream_idle: limits.stream_idle_timeout,
+            // A little longer than the client side's limit: when a client stalls mid-upload,
+            // both sides go silent together, and the client's side must be the one that ends
+            // it (408, not 502).
+            stream_idle: limits.stream_idle_timeout + Duration::from_secs(1),
         };
         let http1 = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))

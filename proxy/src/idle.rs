@@ -96,8 +96,23 @@ impl<T> IdleIo<T> {
         }
     }
 
-    fn active(&mut self) {
-        self.last = Instant::now();
+    /// What an inner poll gives, with the clock moved on progress and the limit checked
+    /// while waiting.
+    fn after<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Ready(r) => {
+                self.last = Instant::now();
+                Poll::Ready(r)
+            }
+            Poll::Pending => match self.poll_expired(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(timed_out())),
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 
@@ -112,16 +127,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
-            Poll::Ready(r) => {
-                this.active();
-                Poll::Ready(r)
-            }
-            Poll::Pending => match this.poll_expired(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(timed_out())),
-                Poll::Pending => Poll::Pending,
-            },
-        }
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.after(cx, polled)
     }
 }
 
@@ -132,16 +139,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(r) => {
-                this.active();
-                Poll::Ready(r)
-            }
-            Poll::Pending => match this.poll_expired(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(timed_out())),
-                Poll::Pending => Poll::Pending,
-            },
-        }
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.after(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -150,16 +149,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
-            Poll::Ready(r) => {
-                this.active();
-                Poll::Ready(r)
-            }
-            Poll::Pending => match this.poll_expired(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(timed_out())),
-                Poll::Pending => Poll::Pending,
-            },
-        }
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.after(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -476,7 +476,16 @@ async fn sigterm_drains_in_flight_requests_and_flushes_spans() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collector_down_never_touches_app_traffic() {
     let app = App::start().await;
-    let dead = format!("http://127.0.0.1:{}", tracecar_tests::free_port());
+    // A collector that closes every connection at once. Its port stays taken for the whole
+    // test: a port merely freed could be given to another test's sink, which would then
+    // receive these spans.
+    let refuser = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", refuser.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in refuser.incoming() {
+            drop(conn);
+        }
+    });
     let mut e = base_env(&dead);
     e.push(("TRACECAR_INBOUND_TARGET".into(), app.addr.to_string()));
     e.push(("OTEL_BSP_MAX_QUEUE_SIZE".into(), "16".into()));
