@@ -98,11 +98,11 @@ impl<T> IdleIo<T> {
 
     /// What an inner poll gives, with the clock moved on progress and the limit checked
     /// while waiting.
-    fn after<T>(
+    fn after<R>(
         &mut self,
         cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
         match polled {
             Poll::Ready(r) => {
                 self.last = Instant::now();
