@@ -70,6 +70,18 @@ impl Cause {
 
 thread_local! {
     static CURRENT: Cell<u64> = const { Cell::new(0) };
+    /// The thread runs an event loop (it has returned from `epoll_wait`).
+    static EVENT_LOOP: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as an event loop's.
+pub fn mark_event_loop() {
+    let _ = EVENT_LOOP.try_with(|l| l.set(true));
+}
+
+/// Whether the calling thread runs an event loop.
+pub fn in_event_loop() -> bool {
+    EVENT_LOOP.try_with(Cell::get).unwrap_or(false)
 }
 
 pub fn current() -> Cause {

@@ -21,7 +21,7 @@
 
 use std::ffi::CStr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use libc::{c_int, sockaddr, socklen_t, ssize_t};
@@ -32,6 +32,20 @@ use crate::sock;
 use crate::thread::{self, Cause};
 
 static TABLE: OnceLock<Table> = OnceLock::new();
+
+/// A runtime hook has spoken in this process: its event loops' continuations are followed.
+static HOOK_SPOKE: AtomicBool = AtomicBool::new(false);
+
+/// The cause the calling thread may publish. On an event loop with no runtime hook, a
+/// continuation that no socket read preceded (a timer) still carries the last read's cause,
+/// which would be a wrong parent: such threads publish "unknown" instead, so an app is never
+/// worse off for lacking the hook.
+fn publishable() -> Cause {
+    if thread::in_event_loop() && !HOOK_SPOKE.load(Ordering::Relaxed) {
+        return Cause::NONE;
+    }
+    thread::current()
+}
 
 /// The table's path (NUL-terminated), kept at load for later attempts; empty if too long.
 static PATH: OnceLock<[u8; PATH_MAX]> = OnceLock::new();
@@ -143,7 +157,7 @@ pub fn connected(fd: c_int, addr: *const sockaddr, len: socklen_t, ret: c_int) {
             peer_port,
             peer_ip,
         };
-        let cause = thread::current();
+        let cause = publishable();
         match fds::get(fd) {
             Some(f) => {
                 t.publish(&key, cause.port());
@@ -173,7 +187,7 @@ pub fn writing(fd: c_int) {
         let cause = if first && kept.is_live() {
             kept
         } else {
-            thread::current()
+            publishable()
         };
         let cause = if cause.is_live() { cause } else { Cause::NONE };
         t.publish(&f.key(), cause.port());
@@ -223,6 +237,7 @@ pub unsafe fn runtime_says(buf: *const libc::c_void, n: libc::size_t) -> Option<
         return None;
     }
     let port = u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]);
+    HOOK_SPOKE.store(true, Ordering::Relaxed);
     thread::set(Cause::runtime(u16::try_from(port).unwrap_or(0)));
     Some(8)
 }
@@ -230,6 +245,7 @@ pub unsafe fn runtime_says(buf: *const libc::c_void, n: libc::size_t) -> Option<
 /// After `epoll_wait` and its variants returned.
 pub fn event_loop_turned() {
     if table().is_some() {
+        thread::mark_event_loop();
         thread::set(Cause::NONE);
     }
 }

@@ -88,43 +88,31 @@ fn python_process_per_connection() {
     check("python forking", python("forking"), 1);
 }
 
+/// Without the runtime hook, an event loop's thread publishes "unknown": a timer
+/// continuation would otherwise carry the last socket read's cause (a wrong parent). Both Node
+/// shapes: never a wrong cause, every call reaches the backend.
 #[test]
-fn node_event_loop() {
+fn node_without_the_runtime_hook_is_never_wrong() {
     if !have("node") {
         eprintln!("SKIPPED: no node");
         return;
     }
-    check(
-        "node",
-        |backend| {
-            let mut c = Command::new("node");
-            c.arg(apps_dir().join("frontend.js"))
-                .arg(backend.to_string());
-            c
-        },
-        5,
-    );
-}
-
-/// Not a pass/fail test: the shape libc alone cannot follow (a timer continuation reads no
-/// socket). Prints its figures; `cargo test -p tracecar-preload -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn node_timer_shape_without_the_runtime_hook_figures() {
-    let table = TableFile::new();
-    let backend = Backend::start(table.table.clone());
-    let (app, port) = start_app(
-        node("timer", false)(backend.addr.port()),
-        Some(&table.path()),
-    );
-    let ports = drive(port, clients(), PER_CLIENT, 5);
-    drop(app);
-    let seen = backend.seen.lock().unwrap().clone();
-    eprintln!(
-        "node timer, no hook: {:?} of {}",
-        tally(&seen, &ports),
-        seen.len()
-    );
+    for mode in ["sockets", "timer"] {
+        let table = TableFile::new();
+        let backend = Backend::start(table.table.clone());
+        let (app, port) = start_app(node(mode, false)(backend.addr.port()), Some(&table.path()));
+        let ports = drive(port, clients(), PER_CLIENT, 5);
+        drop(app);
+        let seen = backend.seen.lock().unwrap().clone();
+        let t = tally(&seen, &ports);
+        eprintln!("node {mode}, no hook: {t:?} of {}", seen.len());
+        assert_eq!(
+            seen.len(),
+            (clients() * PER_CLIENT * 2) as usize,
+            "node {mode}"
+        );
+        assert_eq!(t.wrong, 0, "node {mode}: {t:?}");
+    }
 }
 
 #[test]
