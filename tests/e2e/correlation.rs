@@ -19,10 +19,11 @@ use tracecar_tests::{base_env, ProxyProcess};
 const MAX_LINKS: usize = 8;
 
 const FRONT_APP: &str = r#"
-import random, sys, time, urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import random, socketserver, sys, time, urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 
 proxy, backend, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+shape = sys.argv[4] if len(sys.argv) > 4 else "threads"
 # Explicit proxy: the app's calls go through the outbound listener without iptables.
 opener = urllib.request.build_opener(urllib.request.ProxyHandler({"http": "http://" + proxy}))
 
@@ -45,7 +46,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+class Forking(socketserver.ForkingMixIn, HTTPServer):
+    pass
+
+# A thread per connection, or a process per connection.
+server = (Forking if shape == "fork" else ThreadingHTTPServer)(("127.0.0.1", port), Handler)
+server.request_queue_size = 128
 server.daemon_threads = True
 print(server.server_address[1], flush=True)
 server.serve_forever()
@@ -60,9 +66,23 @@ struct FrontApp {
 impl FrontApp {
     /// The app on `port`, calling `backend` through the forward proxy at `proxy`, with `env`
     /// (the preload library's variables, when used).
-    fn start(proxy: &str, backend: &str, port: u16, env: &[(String, String)]) -> FrontApp {
+    fn start(
+        proxy: &str,
+        backend: &str,
+        port: u16,
+        shape: &str,
+        env: &[(String, String)],
+    ) -> FrontApp {
         let mut child = Command::new("python3")
-            .args(["-u", "-c", FRONT_APP, proxy, backend, &port.to_string()])
+            .args([
+                "-u",
+                "-c",
+                FRONT_APP,
+                proxy,
+                backend,
+                &port.to_string(),
+                shape,
+            ])
             .envs(env.iter().map(|(k, v)| (k, v)))
             // The explicit proxy must be used for loopback too.
             .env_remove("no_proxy")
@@ -133,7 +153,7 @@ fn request_of(span: &RecvSpan) -> String {
 /// `think`, each client pauses up to `think` ms before each request, so the app's concurrency
 /// varies (sometimes one request in flight, sometimes several).
 async fn run(policy: &str, clients: usize, requests: usize, think: u64) -> Outcome {
-    run_with(policy, clients, requests, think, false).await
+    run_with(policy, clients, requests, think, false, "threads").await
 }
 
 /// [`run`], with the preload library in the app when `preload`: the proxy creates the causal
@@ -145,6 +165,7 @@ async fn run_with(
     requests: usize,
     think: u64,
     preload: bool,
+    shape: &str,
 ) -> Outcome {
     let sink = Sink::start().await;
     let volume = std::env::temp_dir().join(format!(
@@ -197,6 +218,7 @@ async fn run_with(
         &proxy.outbound.to_string(),
         &backend.addr.to_string(),
         front_port,
+        shape,
         &app_env,
     );
     assert_eq!(front.port, front_port);
@@ -247,7 +269,11 @@ async fn run_with(
         }
     }
     assert_eq!(out.total(), 2 * requests, "two CLIENT spans per request");
-    out.report(if preload { "causal+preload" } else { policy });
+    out.report(&format!(
+        "{}{}",
+        if preload { "causal+preload" } else { policy },
+        if shape == "threads" { "" } else { " (fork)" }
+    ));
     let _ = std::fs::remove_dir_all(&volume);
     out
 }
@@ -334,11 +360,12 @@ async fn inflight_guesses_every_parent_and_says_so() {
 }
 
 /// With the preload library in the app, the table names each call's cause: every call is
-/// parented exactly (`causal`) at 8 and 32 clients in parallel, and none wrongly.
+/// parented exactly (`causal`) at 8 and 32 clients in parallel, a thread per connection or a
+/// process per connection, and none wrongly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_preload_library_gives_every_call_its_exact_parent() {
-    for clients in [8, 32] {
-        let out = run_with("causal", clients, 96, 0, true).await;
+    for (clients, shape) in [(8, "threads"), (32, "threads"), (8, "fork")] {
+        let out = run_with("causal", clients, 96, 0, true, shape).await;
         assert!(out.wrong.is_empty(), "wrong parents: {:#?}", out.wrong);
         for s in &out.right {
             assert_eq!(s.attr_str("tracecar.correlation"), Some("causal"), "{s:#?}");
