@@ -7,12 +7,16 @@ Servers (run in the background inside a pod's namespace):
   echo PORT                    raw TCP echo
   banner PORT                  server-speaks-first: sends "220 ..." on accept, then answers lines
   tls-echo PORT CERT KEY       TLS echo
+  http-causal PORT BASE_URL    HTTP/1 server: /in/<n> calls BASE_URL/out/<n>/a, then /b, with
+                               small random pauses (no headers forwarded): the path is the
+                               ground truth of which inbound request caused which call
 Clients (exit status 0 on success, one line of diagnosis otherwise):
   get URL                      GET; prints the body
   echo-client HOST PORT NBYTES sends random bytes, checks the echo is byte-for-byte equal
   tls HOST PORT NAME CAFILE    TLS handshake with SNI NAME, then an echo check
   banner-client HOST PORT      reads the banner, sends QUIT, reads the reply
   wait HOST PORT [SECONDS]     waits until HOST:PORT accepts connections
+  burst BASE_URL N CLIENTS     GET BASE_URL/in/0 .. /in/N-1 from CLIENTS threads; all must be 200
 No HTTP_PROXY handling anywhere: http.client connects where it is told to.
 """
 
@@ -66,6 +70,64 @@ def serve_http(port, downstream=None):
     http.server.ThreadingHTTPServer.allow_reuse_address = True
     srv = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler)
     srv.serve_forever()
+
+
+def serve_http_causal(port, base):
+    import random
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            n = self.path.split("/")[2] if self.path.startswith("/in/") else "x"
+            status = 200
+            for leg in ("a", "b"):
+                time.sleep(random.uniform(0.001, 0.010))
+                try:
+                    status = max(status, call(f"{base}/out/{n}/{leg}")[0])
+                except OSError:
+                    status = 502
+            self.send_response(status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, fmt, *args):
+            pass
+
+    http.server.ThreadingHTTPServer.allow_reuse_address = True
+    srv = http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    srv.request_queue_size = 128
+    srv.serve_forever()
+
+
+def burst(base, n, clients):
+    lock = threading.Lock()
+    todo = list(range(n))
+    failed = []
+
+    def worker():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            try:
+                status, _ = call(f"{base}/in/{i}")
+            except OSError as e:
+                status = str(e)
+            if status != 200:
+                with lock:
+                    failed.append((i, status))
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failed:
+        print(f"{len(failed)} of {n} failed, e.g. {failed[:3]}")
+        return 1
+    print(f"{n} requests from {clients} clients: all 200")
+    return 0
 
 
 class Threaded(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -145,6 +207,10 @@ def main(argv):
     mode, args = argv[1], argv[2:]
     if mode == "http":
         serve_http(int(args[0]), args[1] if len(args) > 1 else None)
+    elif mode == "http-causal":
+        serve_http_causal(int(args[0]), args[1])
+    elif mode == "burst":
+        return burst(args[0], int(args[1]), int(args[2]))
     elif mode == "echo":
         serve_echo(int(args[0]))
     elif mode == "banner":

@@ -81,6 +81,11 @@ else
   SPAN_FILES=("$WORK/a.out" "$WORK/b.out" "$WORK/c.out")
 fi
 
+PRELOAD_SRC=$TARGET/debug/libtracecar_preload.so
+[ -f "$PRELOAD_SRC" ] || cargo build -q -p tracecar-preload
+install -m 755 "$PRELOAD_SRC" "$WORK/bin/libtracecar_preload.so"
+PRELOAD=$WORK/bin/libtracecar_preload.so
+
 # ---------------------------------------------------------------- topology
 in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 
@@ -130,8 +135,9 @@ app() { bg "$1" "$2" python3 "$HERE/apps.py" "${@:3}"; }
 
 proxy() {
   local ns=$1 service=$2
+  shift 2
   bg "$ns" "$service" setpriv --reuid 2140 --regid 2140 --clear-groups \
-    env -i PATH=/usr/bin:/bin \
+    env -i PATH=/usr/bin:/bin "$@" \
     OTEL_SERVICE_NAME="pod-$service" \
     OTEL_TRACES_EXPORTER="$EXPORTER" \
     OTEL_EXPORTER_OTLP_ENDPOINT=http://10.233.0.10:4317 \
@@ -325,6 +331,18 @@ check_ipv6_echo() {
   return 1
 }
 
+# The preload library with iptables capture: a header-blind app in A, 8 clients in parallel from
+# X, two calls per request to X (captured as outbound); every call a child of its own request.
+check_causal_iptables() {
+  [ -f "$WORK/causal-a/causal" ] || { echo "the proxy in A created no causal table"; return 1; }
+  # Loaded as an injected container names it: glibc expands $PLATFORM.
+  bg "$A" a-causal env LD_PRELOAD="$WORK/causal-a/lib/\$PLATFORM/libtracecar_preload.so" \
+    TRACECAR_CAUSAL_TABLE="$WORK/causal-a/causal" python3 "$HERE/apps.py" http-causal 8082 http://10.233.0.10:8080
+  wait_port "$A" 10.233.0.2 8082 || return 1
+  in_ns "$X" python3 "$HERE/apps.py" burst http://10.233.0.2:8082 48 8 || return 1
+  python3 "$HERE/spans.py" causal 15 pod-a 48 "${SPAN_FILES[@]}"
+}
+
 check_self_call() {
   # The app calling its own pod IP: captured as outbound, reaches the app, no loop.
   timeout 20 ip netns exec "$A" python3 "$HERE/apps.py" get http://10.233.0.2:8081/self
@@ -361,7 +379,10 @@ for pod in A B C; do
   fi
 done
 
-proxy "$A" a
+# Pod A's shared volume for the causal table: the proxy (uid 2140) creates the table and copies
+# the preload library into it; an app in A loads it from there (check_causal_iptables).
+mkdir -p "$WORK/causal-a" && chmod 777 "$WORK/causal-a"
+proxy "$A" a TRACECAR_CAUSAL_TABLE="$WORK/causal-a/causal" TRACECAR_PRELOAD_SOURCE="$PRELOAD"
 proxy "$B" b
 proxy "$C" c
 for ns in "$A" "$B" "$C"; do
@@ -386,6 +407,7 @@ check "opaque: TLS passes through" check_tls
 check "opaque: server-speaks-first does not hang" check_server_first
 check "opaque: raw TCP echo over IPv6 through both proxies" check_ipv6_echo
 check "loop: app calls its own pod IP" check_self_call
+check "causal: the preload library with iptables capture, 8 clients" check_causal_iptables
 
 if [ "$FAILED" -gt 0 ]; then
   for log in a b c sink; do

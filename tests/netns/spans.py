@@ -6,6 +6,7 @@ Each line is one span: trace_id, span_id, parent_span_id, name, kind, service_na
 ignored).
 
   spans.py chain TIMEOUT FILE...        the A -> B -> C trace: 5 spans linked into one trace
+  spans.py causal TIMEOUT SERVICE N FILE...  SERVICE's calls /out/<i>/* are children of /in/<i>
   spans.py present TIMEOUT SERVICE KIND PATH FILE...
   spans.py absent SERVICE PATH FILE...  no span of SERVICE mentions PATH
 Waits up to TIMEOUT seconds for spans to arrive (export is batched). Prints one line; exit 0 on
@@ -83,6 +84,31 @@ def check_chain(spans):
     return True, "one trace " + found[0]["trace_id"] + ": " + " -> ".join(f"{h[0]} {h[1]} {h[2]}" for h in hops)
 
 
+def check_causal(spans, service, n):
+    """Every CLIENT span of /out/<i>/* has as parent the SERVER span of /in/<i>, said `causal`."""
+    servers = {path_of(s).split("/")[2]: s for s in spans
+               if s.get("service_name") == service and s.get("kind") == "SERVER"
+               and path_of(s).startswith("/in/")}
+    calls = [s for s in spans if s.get("service_name") == service and s.get("kind") == "CLIENT"
+             and path_of(s).startswith("/out/")]
+    if len(servers) < n or len(calls) < 2 * n:
+        return False, f"{len(servers)} of {n} SERVER and {len(calls)} of {2 * n} CLIENT spans so far"
+    right = wrong = other = 0
+    for c in calls:
+        want = servers.get(path_of(c).split("/")[2])
+        attrs = c.get("attributes") or {}
+        if want is None or not c.get("parent_span_id"):
+            other += 1
+        elif c["parent_span_id"] == want["span_id"] and attrs.get("tracecar.correlation") == "causal":
+            right += 1
+        elif c["parent_span_id"] != want["span_id"]:
+            wrong += 1
+        else:
+            other += 1
+    msg = f"{right} of {len(calls)} calls parented exactly (causal), {wrong} wrong, {other} otherwise"
+    return wrong == 0 and right * 100 >= 99 * len(calls), msg
+
+
 def main(argv):
     mode = argv[1]
     if mode == "absent":
@@ -98,6 +124,8 @@ def main(argv):
     while True:
         if mode == "chain":
             ok, msg = check_chain(load(argv[3:]))
+        elif mode == "causal":
+            ok, msg = check_causal(load(argv[5:]), argv[3], int(argv[4]))
         elif mode == "present":
             service, kind, path = argv[3], argv[4], argv[5]
             got = find(load(argv[6:]), service, kind, path)
