@@ -64,6 +64,22 @@ fn text() -> impl Strategy<Value = String> {
 }
 
 /// `parse` must not panic; when it accepts, its canonical output must parse to itself.
+/// `pod` with the injection patch `p` applied: it must apply, decode as a pod, and be seen as
+/// injected already (admitting it again changes nothing).
+fn applied(
+    pod: &Value,
+    p: &json_patch::Patch,
+    defaults: &Defaults,
+) -> Result<Value, TestCaseError> {
+    let mut patched = pod.clone();
+    json_patch::patch(&mut patched, p)
+        .map_err(|e| TestCaseError::fail(format!("patch does not apply: {e}")))?;
+    let again: Pod = serde_json::from_value(patched.clone())
+        .map_err(|e| TestCaseError::fail(format!("patched pod does not decode: {e}")))?;
+    prop_assert_eq!(decide(&again, defaults).reason, Reason::AlreadyInjected);
+    Ok(patched)
+}
+
 fn canonical<T: PartialEq + std::fmt::Debug>(
     s: &str,
     parse: impl Fn(&str) -> Result<T, &'static str>,
@@ -148,12 +164,7 @@ proptest! {
         let Some(p) = decision.patch else {
             return Ok(());
         };
-        let mut patched = pod.clone();
-        json_patch::patch(&mut patched, &p)
-            .map_err(|e| TestCaseError::fail(format!("patch does not apply: {e}")))?;
-        let again: Pod = serde_json::from_value(patched.clone())
-            .map_err(|e| TestCaseError::fail(format!("patched pod does not decode: {e}")))?;
-        prop_assert_eq!(decide(&again, &defaults).reason, Reason::AlreadyInjected);
+        let patched = applied(&pod, &p, &defaults)?;
         let reserved = [ann::STATUS, ann::PROXY_VERSION, ann::INJECTION];
         if !annotations.keys().any(|k| reserved.contains(&k.as_str())) {
             let mut back = patched;
@@ -206,12 +217,7 @@ proptest! {
         let Some(p) = decide(&typed, &defaults).patch else {
             return Ok(());
         };
-        let mut patched = pod.clone();
-        json_patch::patch(&mut patched, &p)
-            .map_err(|e| TestCaseError::fail(format!("patch does not apply: {e}")))?;
-        let again: Pod = serde_json::from_value(patched.clone())
-            .map_err(|e| TestCaseError::fail(format!("patched pod does not decode: {e}")))?;
-        prop_assert_eq!(decide(&again, &defaults).reason, Reason::AlreadyInjected);
+        let patched = applied(&pod, &p, &defaults)?;
 
         let preloads = |c: &Value| -> Vec<Value> {
             c["env"].as_array().map_or(Vec::new(), |l| {

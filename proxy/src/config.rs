@@ -391,6 +391,23 @@ fn count(var: &'static str, flag: &'static str, v: &str) -> Result<usize, Config
     }
 }
 
+#[cfg(test)]
+impl Config {
+    /// The configuration these flags give (every other setting its default), for tests.
+    pub(crate) fn for_test(flags: &[&str]) -> Config {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let argv = std::iter::once("tracecar-proxy").chain(flags.iter().copied());
+        <Cli as clap::Parser>::parse_from(argv)
+            .run
+            .into_config()
+            .expect("test flags are valid")
+    }
+}
+
 /// A name or address that means this host (loopback or unspecified).
 pub fn is_local_host(host: &str) -> bool {
     // A fully qualified name may end in a dot: `localhost.` is localhost.

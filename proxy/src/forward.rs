@@ -171,15 +171,6 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(connect_timeout: Duration) -> Self {
-        let limits = crate::config::Limits {
-            connect_timeout,
-            response_head_timeout: None,
-            ..Default::default()
-        };
-        Self::with_limits(&limits, OwnPorts::default())
-    }
-
     /// `own`: the listener ports a connection must not reach (the proxy itself).
     pub fn with_limits(limits: &crate::config::Limits, own: OwnPorts) -> Self {
         let mut inner = HttpConnector::new();

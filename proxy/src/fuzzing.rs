@@ -155,3 +155,21 @@ mod tests {
         assert_eq!(mutate(b"", &[Mutation::Delete(i(3))], pieces), b"");
     }
 }
+
+/// Headers as the lean HTTP/1 path hands them to the propagators: the first of a name (any
+/// case), any value httparse lets through.
+#[derive(Debug)]
+pub struct RawHeaders(pub Vec<(String, String)>);
+
+impl opentelemetry::propagation::Extractor for RawHeaders {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_str()).collect()
+    }
+}

@@ -662,7 +662,7 @@ async fn exchange(
             }
         }
         let Some(u) = up.as_mut() else { return Err(()) };
-        if conn.shared.direction == Direction::Inbound && conn.shared.telemetry.causal() {
+        if u.local_port != 0 {
             // Before the request goes out: the app may call out as soon as it reads it.
             span.set_app_port(u.local_port);
         }
@@ -677,7 +677,14 @@ async fn exchange(
                 early = upload(client, inbuf, u, &mut body, limits.stream_idle_timeout).await?;
             }
             // Once the response head is in, `out` holds the client's version of it.
-            let read = read_response_head(u, client, head_request, client_close || early, out);
+            let read = read_response_head(
+                u,
+                client,
+                head_request,
+                client_close || early,
+                out,
+                limits.stream_idle_timeout,
+            );
             match limits.response_head_timeout {
                 Some(limit) => {
                     timer.set(tokio::time::Instant::now() + limit);
@@ -949,7 +956,7 @@ async fn upload(
                 Informational::Wait => break,
                 Informational::Final => return Ok(true),
                 Informational::Complete(n) => {
-                    timed(idle, client.write_all(&buf[..n]))
+                    write_all_timed(client, &buf[..n], idle)
                         .await
                         .map_err(|_| Failure::Client)?;
                     buf.advance(n);
@@ -1011,27 +1018,33 @@ async fn connect(
         }
         return Ok(Upstream {
             target: target.clone(),
-            local_port: local_port(&stream),
+            local_port: local_port(conn, &stream),
             stream,
             buf: BytesMut::with_capacity(FIRST_BUF),
             reused: true,
         });
     }
-    let stream = crate::forward::connect_tcp(target, conn.shared.connect_timeout).await?;
+    let stream = crate::forward::connect_tcp(target, conn.shared.limits.connect_timeout).await?;
     if conn.shared.own.check(&stream) {
         return Err(ForwardError::Loop(target.to_string()));
     }
     Ok(Upstream {
         target: target.clone(),
-        local_port: local_port(&stream),
+        local_port: local_port(conn, &stream),
         stream,
         buf: BytesMut::with_capacity(FIRST_BUF),
         reused: false,
     })
 }
 
-fn local_port(stream: &TcpStream) -> u16 {
-    stream.local_addr().map_or(0, |a| a.port())
+/// This end's port of an app connection, which the causal table names inbound connections by;
+/// a system call, so only made while the table is open (0 otherwise).
+fn local_port(conn: &Conn, stream: &TcpStream) -> u16 {
+    if conn.shared.direction == Direction::Inbound && conn.shared.telemetry.causal() {
+        stream.local_addr().map_or(0, |a| a.port())
+    } else {
+        0
+    }
 }
 
 /// True when an idle app connection has been closed by the app (or has unexpected bytes).
@@ -1095,6 +1108,7 @@ async fn read_response_head(
     head_request: bool,
     close: bool,
     out: &mut Vec<u8>,
+    idle: Duration,
 ) -> io::Result<ResponseHead> {
     loop {
         if !u.buf.is_empty() {
@@ -1103,7 +1117,10 @@ async fn read_response_head(
             });
             match start? {
                 ResponseStart::Informational(n) => {
-                    client.write_all(&u.buf[..n]).await?;
+                    // A client that does not read is not waited for longer than a body would be.
+                    write_all_timed(client, &u.buf[..n], idle)
+                        .await
+                        .map_err(|e| e.unwrap_or_else(|| io::ErrorKind::TimedOut.into()))?;
                     u.buf.advance(n);
                     continue;
                 }
@@ -1419,7 +1436,7 @@ impl BodyState {
                         // end the line for a lenient app and not for us.
                         Chunk::Ext(n) => match b {
                             b'\r' => Chunk::SizeLf(n),
-                            b if field_byte(b) => Chunk::Ext(n),
+                            b if rules::is_field_byte(b) => Chunk::Ext(n),
                             _ => return Err(()),
                         },
                         Chunk::SizeLf(n) => match (b, n) {
@@ -1449,7 +1466,7 @@ impl BodyState {
                         }
                         Chunk::TrailerName if b == b':' => Chunk::TrailerValue,
                         Chunk::TrailerValue if b == b'\r' => Chunk::TrailerLf,
-                        Chunk::TrailerValue if field_byte(b) => Chunk::TrailerValue,
+                        Chunk::TrailerValue if rules::is_field_byte(b) => Chunk::TrailerValue,
                         Chunk::TrailerLf if b == b'\n' => Chunk::TrailerStart,
                         Chunk::EndLf if b == b'\n' => {
                             *self = BodyState::Done;
@@ -1463,11 +1480,6 @@ impl BodyState {
             }
         }
     }
-}
-
-/// A byte allowed in a field value or chunk extension: visible ASCII, space, tab, obs-text.
-fn field_byte(b: u8) -> bool {
-    b == b'\t' || b == b' ' || b.is_ascii_graphic() || b >= 0x80
 }
 
 #[cfg(test)]
@@ -1745,17 +1757,7 @@ pub(crate) mod tests {
 
         /// A listener's shared state for calling `prepare` directly (no export).
         fn conn(direction: Direction, target: Option<&str>) -> Conn {
-            let cfg = {
-                #[derive(clap::Parser)]
-                struct Cli {
-                    #[command(flatten)]
-                    run: crate::RunArgs,
-                }
-                <Cli as clap::Parser>::parse_from(["p", "--traces-exporter=none"])
-                    .run
-                    .into_config()
-                    .expect("valid")
-            };
+            let cfg = crate::Config::for_test(&["--traces-exporter=none"]);
             let metrics = Arc::new(crate::metrics::Metrics::new());
             let telemetry = Arc::new(
                 crate::trace::Telemetry::new(&cfg, crate::trace::Sink::FromConfig, metrics)
@@ -1765,8 +1767,10 @@ pub(crate) mod tests {
                 shared: Arc::new(crate::http::Shared {
                     direction,
                     telemetry,
-                    upstream: crate::forward::Upstream::new(Duration::from_secs(1)),
-                    connect_timeout: Duration::from_secs(1),
+                    upstream: crate::forward::Upstream::with_limits(
+                        &Default::default(),
+                        Default::default(),
+                    ),
                     limits: Default::default(),
                     listen_port: 15140,
                     own: Default::default(),

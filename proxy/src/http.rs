@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -26,7 +25,6 @@ pub struct Shared {
     pub direction: Direction,
     pub telemetry: Arc<Telemetry>,
     pub upstream: Upstream,
-    pub connect_timeout: Duration,
     pub limits: crate::config::Limits,
     /// The listener's port, to refuse forward-proxy requests addressed to the proxy itself.
     pub listen_port: u16,
@@ -322,7 +320,10 @@ impl Conn {
     fn check(&self, req: &Request<Incoming>) -> Result<(), Refusal> {
         let headers = req.headers();
         // hyper refuses a head larger than its buffer only when it arrives in pieces.
-        let head_size = req.uri().to_string().len()
+        let uri = req.uri();
+        let head_size = uri.scheme_str().map_or(0, str::len)
+            + uri.authority().map_or(0, |a| a.as_str().len())
+            + uri.path_and_query().map_or(0, |p| p.as_str().len())
             + headers
                 .iter()
                 .map(|(n, v)| n.as_str().len() + v.len() + 4)
@@ -449,7 +450,7 @@ impl Conn {
             app_socket: self.app_socket,
         };
         let mut span = shared.telemetry.client_span(info, req.headers_mut());
-        let connected = connect_tcp(&target_of(&host, port), shared.connect_timeout)
+        let connected = connect_tcp(&target_of(&host, port), shared.limits.connect_timeout)
             .await
             .and_then(|s| {
                 if shared.own.check(&s) {
@@ -520,7 +521,7 @@ impl Conn {
             span.fail(e.error_type(), e.to_string());
             local_response(e.status(), format!("tracecar: {e}\n"))
         };
-        let stream = match connect_tcp(&target, shared.connect_timeout).await {
+        let stream = match connect_tcp(&target, shared.limits.connect_timeout).await {
             Ok(s) if shared.own.check(&s) => {
                 return fail(span, ForwardError::Loop(target.to_string()))
             }

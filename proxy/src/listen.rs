@@ -242,7 +242,7 @@ async fn pass_through(
                     .then(|| tracecar_causal::Key::new(peer.port(), dst));
                 shared.telemetry.tls_span(sni.as_deref(), dst, key)
             });
-            splice(stream, dst, span, shared.connect_timeout).await;
+            splice(stream, dst, span, shared.limits.connect_timeout).await;
         }
         // (HTTP is served, never passed here.)
         Protocol::Opaque | Protocol::Http1 | Protocol::Http2 => {
@@ -250,7 +250,7 @@ async fn pass_through(
                 .telemetry
                 .metrics
                 .connection(shared.direction, "opaque");
-            splice(stream, dst, None, shared.connect_timeout).await;
+            splice(stream, dst, None, shared.limits.connect_timeout).await;
         }
     }
 }

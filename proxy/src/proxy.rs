@@ -204,7 +204,6 @@ impl Proxy {
                         direction,
                         telemetry: telemetry.clone(),
                         upstream: upstream.clone(),
-                        connect_timeout: limits.connect_timeout,
                         limits,
                         listen_port: match direction {
                             Direction::Inbound => inbound_addr.port(),
@@ -305,19 +304,6 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    fn config(flags: &[&str]) -> Config {
-        #[derive(clap::Parser)]
-        struct Cli {
-            #[command(flatten)]
-            run: crate::RunArgs,
-        }
-        let argv = std::iter::once("tracecar-proxy").chain(flags.iter().copied());
-        <Cli as clap::Parser>::parse_from(argv)
-            .run
-            .into_config()
-            .expect("test flags are valid")
-    }
-
     /// An app that answers every request head with `200 ok`, keep-alive.
     async fn app() -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -373,7 +359,7 @@ mod tests {
     async fn a_panic_ends_its_connection_and_no_other() {
         let app = app().await;
         let target = app.to_string();
-        let cfg = config(&[
+        let cfg = Config::for_test(&[
             "--inbound-listen=127.0.0.1:0",
             "--outbound-listen=127.0.0.1:0",
             "--admin-listen=127.0.0.1:0",

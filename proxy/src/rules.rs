@@ -107,6 +107,12 @@ pub fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// A byte allowed in a field value or chunk extension (RFC 9110 §5.5): visible ASCII, space,
+/// tab, obs-text; no other control byte, so nothing can end a line early.
+pub fn is_field_byte(b: u8) -> bool {
+    b == b'\t' || b == b' ' || b.is_ascii_graphic() || b >= 0x80
+}
+
 /// The proxy's mark in the `Via` header of the requests it sends out (RFC 9110 §7.6.3), made
 /// once per process: a request that arrives at the outbound listener carrying it has been
 /// through this proxy already, and would loop.

@@ -75,6 +75,15 @@ fn ok_path(sink: &Sink, path: &str) -> bool {
         .any(|s| s.attr_str("url.path") == Some(path))
 }
 
+/// A sink that serves OTLP over mutual TLS: its certificate from `ca`, clients' from `clients`.
+async fn mtls_sink(ca: &Ca, clients: &Ca) -> Sink {
+    Sink::start_on(
+        "127.0.0.1:0".parse().unwrap(),
+        Some(mtls_server_config(&ca.server(&[]), clients)),
+    )
+    .await
+}
+
 /// A sink in its own runtime, so that stopping it closes every connection it holds (dropping a
 /// [`Sink`] only stops accepting).
 struct Collector {
@@ -187,11 +196,7 @@ async fn untrusted_client_certificate_delivers_nothing_and_app_traffic_is_untouc
     let ca = Ca::new("collector-ca");
     let clients = Ca::new("client-ca");
     let rogue = Ca::new("rogue-ca");
-    let sink = Sink::start_on(
-        "127.0.0.1:0".parse().unwrap(),
-        Some(mtls_server_config(&ca.server(&[]), &clients)),
-    )
-    .await;
+    let sink = mtls_sink(&ca, &clients).await;
     let app = App::start().await;
     let dir = tmp("untrusted");
     let ca_file = write(&dir, "ca.pem", &ca.cert_pem);
@@ -308,11 +313,7 @@ async fn rotation(protocol: &str) {
     let ca = Ca::new("collector-ca");
     let clients = Ca::new("client-ca");
     let rogue = Ca::new("rogue-ca");
-    let sink = Sink::start_on(
-        "127.0.0.1:0".parse().unwrap(),
-        Some(mtls_server_config(&ca.server(&[]), &clients)),
-    )
-    .await;
+    let sink = mtls_sink(&ca, &clients).await;
     let app = App::start().await;
     let mut secret = SecretDir::new(
         tmp(&format!("rotate-{}", protocol.replace('/', "-"))),
@@ -718,11 +719,7 @@ fn certificate_problems_at_start_up_stop_it_with_one_line() {
 async fn export_not_required_serves_traffic_and_reports_failure_until_the_material_appears() {
     let ca = Ca::new("collector-ca");
     let clients = Ca::new("client-ca");
-    let sink = Sink::start_on(
-        "127.0.0.1:0".parse().unwrap(),
-        Some(mtls_server_config(&ca.server(&[]), &clients)),
-    )
-    .await;
+    let sink = mtls_sink(&ca, &clients).await;
     let app = App::start().await;
     let dir = tmp("not-required");
     let ca_file = write(&dir, "ca.pem", &ca.cert_pem);
@@ -864,11 +861,7 @@ fn injected_proxy_env(
 async fn injected_proxy_with_the_secret_missing_serves_the_app_then_exports_when_it_appears() {
     let ca = Ca::new("collector-ca");
     let clients = Ca::new("client-ca");
-    let sink = Sink::start_on(
-        "127.0.0.1:0".parse().unwrap(),
-        Some(mtls_server_config(&ca.server(&[]), &clients)),
-    )
-    .await;
+    let sink = mtls_sink(&ca, &clients).await;
     let app = App::start().await;
     // The optional Secret volume of a pod whose Secret does not exist yet: mounted, empty.
     let secret_dir = tmp("injected-missing-secret");

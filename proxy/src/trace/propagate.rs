@@ -435,22 +435,7 @@ mod tests {
         use opentelemetry::trace::{SpanId, TraceId, TraceState};
         use proptest::prelude::*;
 
-        /// Headers as the lean HTTP/1 path hands them to the propagators: the first of a name
-        /// (any case), any UTF-8 value httparse lets through.
-        #[derive(Debug)]
-        struct Raw(Vec<(String, String)>);
-
-        impl Extractor for Raw {
-            fn get(&self, key: &str) -> Option<&str> {
-                self.0
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(key))
-                    .map(|(_, v)| v.as_str())
-            }
-            fn keys(&self) -> Vec<&str> {
-                self.0.iter().map(|(k, _)| k.as_str()).collect()
-            }
-        }
+        use crate::fuzzing::RawHeaders as Raw;
 
         /// Everything a propagator writes.
         #[derive(Debug, Default)]

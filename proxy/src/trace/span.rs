@@ -64,9 +64,8 @@ impl Injector for Injected {
     /// as they are, so a line break from a propagator would start a header of the peer's
     /// choosing; the propagators here never write one (see `propagate`), and this makes sure.
     fn set(&mut self, key: &str, value: String) {
-        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-        let field_byte = |b: u8| b == b'\t' || (b >= 0x20 && b != 0x7f);
-        if key.is_empty() || !key.bytes().all(token) || !value.bytes().all(field_byte) {
+        use crate::rules::{is_field_byte, is_tchar};
+        if key.is_empty() || !key.bytes().all(is_tchar) || !value.bytes().all(is_field_byte) {
             return;
         }
         let key = match KNOWN_KEYS.iter().find(|k| k.eq_ignore_ascii_case(key)) {
@@ -829,20 +828,7 @@ mod tests {
         use crate::fuzzing::{self, text};
         use proptest::prelude::*;
 
-        /// Headers as the lean HTTP/1 path reads them.
-        struct Raw(Vec<(String, String)>);
-
-        impl Extractor for Raw {
-            fn get(&self, key: &str) -> Option<&str> {
-                self.0
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(key))
-                    .map(|(_, v)| v.as_str())
-            }
-            fn keys(&self) -> Vec<&str> {
-                self.0.iter().map(|(k, _)| k.as_str()).collect()
-            }
-        }
+        use crate::fuzzing::RawHeaders as Raw;
 
         /// One telemetry per test thread: every format, nothing exported.
         fn all_formats() -> Arc<Telemetry> {
