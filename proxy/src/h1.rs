@@ -157,12 +157,12 @@ pub async fn serve(
     // later one may be awaited for the idle timeout, then has the head timeout from its first
     // byte (nginx's client_header_timeout and keepalive_timeout).
     let mut first = true;
+    let started = Instant::now();
     // One timer per connection for every wait (the head, the idle keep-alive, the app's answer).
     let sleep = std::pin::pin!(tokio::time::sleep(Duration::ZERO));
     let mut timer = Deadline::new(sleep);
     let outcome = loop {
         // 1. A complete request head, routed, its span started and its head rewritten for the app.
-        let waiting_since = Instant::now();
         let mut deadline = None;
         let prepared = loop {
             if !inbuf.is_empty() {
@@ -179,8 +179,7 @@ pub async fn serve(
                 _ => (limits.request_head_timeout, Timeout::RequestHead),
             };
             let until = *deadline.get_or_insert_with(|| {
-                tokio::time::Instant::from_std(if first { waiting_since } else { Instant::now() })
-                    + limit
+                tokio::time::Instant::from_std(if first { started } else { Instant::now() }) + limit
             });
             timer.set(until);
             if inbuf.capacity() - inbuf.len() < FIRST_BUF / 4 {
@@ -674,7 +673,8 @@ async fn exchange(
                     None => Failure::StreamIdle(false),
                 })?;
             if !body.done() {
-                early = upload(client, inbuf, u, &mut body, limits.stream_idle_timeout).await?;
+                let idle = limits.stream_idle_timeout;
+                early = upload(client, inbuf, u, &mut body, idle, &mut *timer).await?;
             }
             // Once the response head is in, `out` holds the client's version of it.
             let read = read_response_head(
@@ -792,6 +792,7 @@ async fn exchange(
             client,
             &mut rbody,
             limits.stream_idle_timeout,
+            timer,
         )
         .await;
         if let Err(e) = copied {
@@ -891,6 +892,7 @@ async fn upload(
     u: &mut Upstream,
     body: &mut BodyState,
     idle: Duration,
+    timer: &mut Deadline<'_>,
 ) -> Result<bool, Failure> {
     let Upstream { stream, buf, .. } = u;
     let (mut from_app, mut to_app) = stream.split();
@@ -912,6 +914,7 @@ async fn upload(
         if buf.capacity() - buf.len() < FIRST_BUF / 4 {
             buf.reserve(FIRST_BUF);
         }
+        timer.set(tokio::time::Instant::now() + idle);
         // Each of these is cancel-safe: a branch that loses the race has moved no byte.
         let from_app_read = if pending > 0 {
             tokio::select! {
@@ -926,7 +929,7 @@ async fn upload(
                     pending -= n;
                     continue;
                 }
-                _ = tokio::time::sleep(idle) => return Err(Failure::StreamIdle(false)),
+                () = timer.passed() => return Err(Failure::StreamIdle(false)),
             }
         } else {
             tokio::select! {
@@ -938,7 +941,7 @@ async fn upload(
                     }
                     continue;
                 }
-                _ = tokio::time::sleep(idle) => return Err(Failure::StreamIdle(true)),
+                () = timer.passed() => return Err(Failure::StreamIdle(true)),
             }
         };
         match from_app_read {
@@ -1322,15 +1325,21 @@ async fn copy_body(
     to: &mut (impl tokio::io::AsyncWrite + Unpin),
     state: &mut BodyState,
     idle: Duration,
+    timer: &mut Deadline<'_>,
 ) -> io::Result<()> {
-    let timed_out = |_| io::Error::from(io::ErrorKind::TimedOut);
+    let timed_out = || io::Error::from(io::ErrorKind::TimedOut);
     while !state.done() {
         if buf.is_empty() {
             if buf.capacity() < READ_CHUNK {
                 buf.reserve(READ_CHUNK);
             }
-            let read = tokio::time::timeout(idle, from.read_buf(buf)).await;
-            if read.map_err(timed_out)?? == 0 {
+            timer.set(tokio::time::Instant::now() + idle);
+            let read = tokio::select! {
+                biased;
+                r = from.read_buf(buf) => r?,
+                () = timer.passed() => return Err(timed_out()),
+            };
+            if read == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the peer closed the connection in the middle of a body",
@@ -1340,9 +1349,12 @@ async fn copy_body(
         let n = state
             .scan(buf)
             .map_err(|_| invalid("malformed chunked body"))?;
-        tokio::time::timeout(idle, to.write_all(&buf[..n]))
-            .await
-            .map_err(timed_out)??;
+        timer.set(tokio::time::Instant::now() + idle);
+        tokio::select! {
+            biased;
+            r = to.write_all(&buf[..n]) => r?,
+            () = timer.passed() => return Err(timed_out()),
+        }
         buf.advance(n);
     }
     Ok(())
