@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh Debian machine (idempotent); the Rust
 # toolchain (cargo, rustfmt, clippy) and a C linker are assumed.
-# apt: iptables, iproute2, openssl, python3-pip, npm; pip: tests/requirements.txt; npm: helm.
+# apt: iptables, iproute2, conntrack, openssl, python3-pip, npm; pip: tests/requirements.txt; npm: helm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_pkgs=(iptables iproute2 curl unzip procps openssl)
+apt_pkgs=(iptables iproute2 conntrack curl unzip procps openssl)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 # pip (interop and schema tests) and npm (helm) by command, not package: they may come from

@@ -174,7 +174,8 @@ impl Table {
     /// The cause published for `key`: `Some(port)` with the inbound connection's peer port
     /// as the app sees it (the proxy's local port of its connection to the app), `Some(0)`
     /// when the library published that it knows no cause (or two entries disagree), `None`
-    /// when nothing usable is published. Lock-free; gives up rather than wait on a writer.
+    /// when nothing usable is published or the entry's connection is closed. Lock-free;
+    /// gives up rather than wait on a writer.
     pub fn lookup(&self, key: &Key) -> Option<u16> {
         let words = key.words();
         let h = key.hash();
@@ -186,7 +187,10 @@ impl Table {
             if s.flags & FLAG_VALID == 0 {
                 break;
             }
-            if s.key == words {
+            // A closed entry is history: its connection is gone, and a lookup that lands on
+            // it was made for another connection (e.g. one whose source port conntrack
+            // remapped into this key), so it must not name a cause.
+            if s.key == words && s.flags & FLAG_CLOSED == 0 {
                 found = match found {
                     Some(c) if c != s.cause_port => Some(0),
                     _ => Some(s.cause_port),

@@ -45,6 +45,11 @@ struct ReasonLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ProtocolLabels {
     direction: &'static str,
     protocol: &'static str,
@@ -126,6 +131,24 @@ pub struct Metrics {
     pub export_healthy: Gauge,
     pub export_queue: Gauge,
     connections: Family<ProtocolLabels, Counter>,
+    /// `causal_lookups{result}`: how the preload library's table answered outbound requests.
+    pub causal_lookups: CausalLookups,
+}
+
+/// Outcomes of looking an outbound request up in the preload library's causal table: the share
+/// of calls parented exactly, and why the others fell back.
+#[derive(Debug, Clone, Default)]
+pub struct CausalLookups {
+    /// An entry named a connection with exactly one inbound request in flight: parented.
+    pub found: Counter,
+    /// No entry for the app's connection (the app does not load the library, or a runtime
+    /// the library does not follow).
+    pub no_entry: Counter,
+    /// The library published "no known cause" (an event loop without a runtime hook, a
+    /// thread that served no request).
+    pub unknown: Counter,
+    /// The entry named an app connection with no single inbound request in flight on it.
+    pub no_request: Counter,
 }
 
 impl Metrics {
@@ -292,6 +315,19 @@ impl Metrics {
             "Accepted connections by detected protocol",
             connections.clone(),
         );
+        let causal = Family::<ResultLabels, Counter>::default();
+        let result = |result| causal.get_or_create(&ResultLabels { result }).clone();
+        let causal_lookups = CausalLookups {
+            found: result("found"),
+            no_entry: result("no_entry"),
+            unknown: result("unknown"),
+            no_request: result("no_request"),
+        };
+        registry.register(
+            "causal_lookups",
+            "Outbound requests looked up in the causal table, by result",
+            causal,
+        );
         let queue_full = spans_dropped
             .get_or_create(&ReasonLabels {
                 reason: "queue_full",
@@ -309,6 +345,7 @@ impl Metrics {
             export_healthy,
             export_queue,
             connections,
+            causal_lookups,
         }
     }
 

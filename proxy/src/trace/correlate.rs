@@ -7,7 +7,7 @@
 //! `tracecar.correlation`:
 //!
 //! - `causal` (the default policy): first the preload library's table, which names the exact
-//!   cause ([`Correlator::causal_parent`], not yet written: it answers `None`). Without an entry,
+//!   cause ([`Correlator::causal_parent`], counted in `tracecar_causal_lookups_total`). Without an entry,
 //!   a parent only when it is certain: exactly one inbound request in flight → its child,
 //!   `sole`. Several in flight → no parent: the CLIENT span starts a trace of its own, with span
 //!   links to the newest [`MAX_LINKS`] of them, `ambiguous`. None in flight → a root span
@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use opentelemetry::trace::SpanContext;
 
 use crate::config::Correlation;
+use crate::metrics::CausalLookups;
 
 /// Span links an ambiguous CLIENT span carries at most: the newest candidates. Enough for the
 /// concurrency of most apps, and a bound on what one span costs to write and to store.
@@ -84,23 +85,27 @@ pub struct Correlator {
     inflight: Arc<Inflight>,
     /// The preload library's table (`causal` with the table open).
     table: Option<tracecar_causal::Table>,
+    lookups: CausalLookups,
 }
 
 impl Correlator {
     /// `None` for `off`: no table is kept and nothing is looked up.
     pub fn new(policy: Correlation) -> Option<Correlator> {
-        Self::with_table(policy, None)
+        Self::with_table(policy, None, CausalLookups::default())
     }
 
-    /// A correlator that asks the preload library's `table` first (`causal` only).
+    /// A correlator that asks the preload library's `table` first (`causal` only), counting
+    /// the answers in `lookups`.
     pub fn with_table(
         policy: Correlation,
         table: Option<tracecar_causal::Table>,
+        lookups: CausalLookups,
     ) -> Option<Correlator> {
         (policy != Correlation::Off).then(|| Correlator {
             policy,
             inflight: Arc::default(),
             table: table.filter(|_| policy == Correlation::Causal),
+            lookups,
         })
     }
 
@@ -161,11 +166,21 @@ impl Correlator {
     /// to be asked first and marked `causal`. No entry, "no known cause" (0), or no single
     /// request in flight on that connection: `None`, and the fallback decides.
     pub fn causal_parent(&self, app_socket: Option<tracecar_causal::Key>) -> Option<SpanContext> {
-        let port = self.table.as_ref()?.lookup(&app_socket?)?;
+        let table = self.table.as_ref()?;
+        let Some(port) = table.lookup(&app_socket?) else {
+            self.lookups.no_entry.inc();
+            return None;
+        };
         if port == 0 {
+            self.lookups.unknown.inc();
             return None;
         }
-        self.inflight.on_app_port(port)
+        let parent = self.inflight.on_app_port(port);
+        match parent {
+            Some(_) => self.lookups.found.inc(),
+            None => self.lookups.no_request.inc(),
+        };
+        parent
     }
 }
 
@@ -487,7 +502,9 @@ mod tests {
         let table = tracecar_causal::Table::create(&path, 64).unwrap();
         // The preload library's side: the same file, opened by another mapping.
         let library = tracecar_causal::Table::open(&path).unwrap();
-        let Some(c) = Correlator::with_table(Correlation::Causal, Some(table)) else {
+        let lookups = CausalLookups::default();
+        let Some(c) = Correlator::with_table(Correlation::Causal, Some(table), lookups.clone())
+        else {
             panic!("causal keeps a table");
         };
         assert!(c.has_table());
@@ -516,6 +533,15 @@ mod tests {
         assert!(c.causal_parent(Some(out)).is_none());
         drop(twin);
         assert_eq!(parent_of(c.correlate(Some(out))), Some((1, "causal")));
+        // Each answer counted by what it was.
+        let counts = [
+            &lookups.found,
+            &lookups.no_entry,
+            &lookups.unknown,
+            &lookups.no_request,
+        ]
+        .map(|c| c.get());
+        assert_eq!(counts, [2, 1, 1, 1]);
         let _ = std::fs::remove_file(&path);
     }
 

@@ -144,6 +144,7 @@ impl Telemetry {
                 (config.correlation == crate::config::Correlation::Causal)
                     .then(|| causal::open(config))
                     .flatten(),
+                metrics.causal_lookups.clone(),
             ),
             queue,
             export,
