@@ -10,8 +10,10 @@
 //! in-memory volume at [`CAUSAL_MOUNT`] in the proxy and in each app container, where the
 //! proxy creates the table and copies the library at start-up (before it reports ready, so
 //! before the app containers start); each app container gets `LD_PRELOAD` (appended to its
-//! own value) and `TRACECAR_CAUSAL_TABLE`. A container whose `LD_PRELOAD` cannot be extended
-//! safely is left alone, with a warning.
+//! own value), `NODE_OPTIONS` with `--require` of the Node.js runtime hook that the proxy
+//! writes there too (appended likewise; other runtimes ignore it) and `TRACECAR_CAUSAL_TABLE`.
+//! A container whose `LD_PRELOAD` cannot be extended safely is left alone, with a warning; one
+//! whose `NODE_OPTIONS` cannot be gets the library without the hook, with a warning.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -58,6 +60,12 @@ pub const CAUSAL_SIZE_LIMIT: &str = "8Mi";
 pub const CAUSAL_TABLE_ENV: &str = "TRACECAR_CAUSAL_TABLE";
 /// The dynamic loader's preload list.
 pub const LD_PRELOAD: &str = "LD_PRELOAD";
+/// Node.js's options, read by every `node` process at start.
+pub const NODE_OPTIONS: &str = "NODE_OPTIONS";
+/// The option that loads the Node.js runtime hook, which the proxy writes to the shared
+/// volume before it reports ready (so before the app containers start: a `--require` of a
+/// missing file would stop Node.js). One token, so that it is found again as one.
+pub const NODE_REQUIRE: &str = "--require=/var/run/tracecar/node/tracecar.js";
 
 /// What injection added, stored as JSON in the `tracecar.dev/injection` annotation so that
 /// `inject --uninject` removes exactly that.
@@ -81,24 +89,28 @@ pub struct Record {
     /// was appended; `null` when the entry had no `value`. Uninject puts it back as it was.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub preload: BTreeMap<String, Option<String>>,
+    /// The same for `NODE_OPTIONS` and the Node.js hook.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_options: BTreeMap<String, Option<String>>,
     /// Lists and maps that did not exist before: `annotations`, `initContainers`,
     /// `volumes`, `env:<container>`, `volumeMounts:<container>`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub created: Vec<String>,
 }
 
-/// What injection does to the dynamic loader's list of one app container.
+/// What injection does to a list-valued variable of one app container (`LD_PRELOAD`,
+/// `NODE_OPTIONS`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Preload {
-    /// The container sets no `LD_PRELOAD`: add one naming the library.
+    /// The container does not set the variable: add it, naming only our item.
     Add,
-    /// Append the library to the value of the container's env entry `index`.
+    /// Append our item to the value of the container's env entry `index`.
     Append {
         index: usize,
         original: Option<String>,
         value: String,
     },
-    /// The container's `LD_PRELOAD` already names the library: leave it as it is.
+    /// The container's value already names our item: leave it as it is.
     Present,
 }
 
@@ -120,34 +132,65 @@ fn preload_plan(c: &Container) -> Result<Preload, String> {
     if busy {
         return Err(format!("it already uses the path {CAUSAL_MOUNT}"));
     }
+    extend_plan(
+        c,
+        LD_PRELOAD,
+        |old| old.split([' ', ':']).any(|p| p == PRELOAD_LIBRARY),
+        append_library,
+    )
+}
+
+/// Decides how the Node.js hook reaches app container `c` (after [`preload_plan`] said yes).
+fn node_plan(c: &Container) -> Result<Preload, String> {
+    extend_plan(
+        c,
+        NODE_OPTIONS,
+        |old| old.split_ascii_whitespace().any(|p| p == NODE_REQUIRE),
+        |old| {
+            if old.trim().is_empty() {
+                format!("{old}{NODE_REQUIRE}")
+            } else {
+                format!("{old} {NODE_REQUIRE}")
+            }
+        },
+    )
+}
+
+/// How variable `var` of container `c` gets our item: `present` says whether a value names it
+/// already, `append` adds it after a value, leaving that value first and unchanged.
+fn extend_plan(
+    c: &Container,
+    var: &str,
+    present: impl Fn(&str) -> bool,
+    append: impl Fn(&str) -> String,
+) -> Result<Preload, String> {
     // Kubernetes uses the last entry of a name: that is the one to extend.
     let last = c
         .env
         .iter()
         .flatten()
         .enumerate()
-        .filter(|(_, e)| e.name == LD_PRELOAD)
+        .filter(|(_, e)| e.name == var)
         .last();
     match last {
-        Some((_, e)) if e.value_from.is_some() => {
-            Err("its LD_PRELOAD is set with valueFrom, which the injector cannot extend".into())
-        }
+        Some((_, e)) if e.value_from.is_some() => Err(format!(
+            "its {var} is set with valueFrom, which the injector cannot extend"
+        )),
         Some((index, e)) => {
             let old = e.value.as_deref().unwrap_or("");
-            if old.split([' ', ':']).any(|p| p == PRELOAD_LIBRARY) {
+            if present(old) {
                 return Ok(Preload::Present);
             }
             Ok(Preload::Append {
                 index,
                 original: e.value.clone(),
-                value: append_library(old),
+                value: append(old),
             })
         }
-        None if c.env_from.as_ref().is_some_and(|f| !f.is_empty()) => Err(
-            "it has envFrom, which may set LD_PRELOAD, and an env entry would replace that value \
-             (name LD_PRELOAD in its env, even empty, to have the library appended)"
-                .into(),
-        ),
+        None if c.env_from.as_ref().is_some_and(|f| !f.is_empty()) => Err(format!(
+            "it has envFrom, which may set {var}, and an env entry would replace that value \
+             (name {var} in its env, even empty, to have it extended)"
+        )),
         None => Ok(Preload::Add),
     }
 }
@@ -171,8 +214,8 @@ fn append_library(old: &str) -> String {
 struct AppAdds {
     /// Variables appended to its env list, in order.
     env: Vec<(&'static str, String)>,
-    /// The env entry whose `value` is replaced, with its new value.
-    preload: Option<(usize, String)>,
+    /// The env entries whose `value` is replaced, with their new values.
+    extend: Vec<(usize, String)>,
     /// The causal volume is mounted at [`CAUSAL_MOUNT`].
     mount: bool,
 }
@@ -289,10 +332,31 @@ pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> (Patch, Vec<Warning>) {
                     original,
                     value,
                 } => {
-                    a.preload = Some((index, value));
+                    a.extend.push((index, value));
                     record.preload.insert(c.name.clone(), original);
                 }
                 Preload::Present => {}
+            }
+            match node_plan(c) {
+                Ok(Preload::Add) => a.env.push((NODE_OPTIONS, NODE_REQUIRE.to_owned())),
+                Ok(Preload::Append {
+                    index,
+                    original,
+                    value,
+                }) => {
+                    a.extend.push((index, value));
+                    record.node_options.insert(c.name.clone(), original);
+                }
+                Ok(Preload::Present) => {}
+                Err(why) => warnings.push(Warning {
+                    annotation: ann::CORRELATION.to_owned(),
+                    message: format!(
+                        "{}: container {:?}: {why}; the Node.js runtime hook is not added to it \
+                         (a Node.js app there gets no parent for calls made after a timer)",
+                        ann::CORRELATION,
+                        c.name
+                    ),
+                }),
             }
             if !c.env.iter().flatten().any(|e| e.name == CAUSAL_TABLE_ENV) {
                 a.env.push((CAUSAL_TABLE_ENV, CAUSAL_TABLE.to_owned()));
@@ -326,7 +390,7 @@ pub fn build(pod: &Pod, inputs: &Inputs<'_>) -> (Patch, Vec<Warning>) {
                 a.env.iter().map(|(k, _)| (*k).to_owned()).collect(),
             );
         }
-        if let Some((index, value)) = &a.preload {
+        for (index, value) in &a.extend {
             ops.push(add(
                 at(&["env", &index.to_string(), "value"]),
                 Value::String(value.clone()),
@@ -664,7 +728,10 @@ pub fn uninject(pod: &mut Value) -> Result<bool, UninjectError> {
                     remove_named(c, "env", vars, created(&format!("env:{name}")));
                 }
                 if let Some(original) = record.preload.get(&name) {
-                    restore_preload(c, original.as_deref());
+                    restore_value(c, LD_PRELOAD, original.as_deref());
+                }
+                if let Some(original) = record.node_options.get(&name) {
+                    restore_value(c, NODE_OPTIONS, original.as_deref());
                 }
                 if let Some(mounts) = record.mounts.get(&name) {
                     let made = created(&format!("volumeMounts:{name}"));
@@ -686,16 +753,16 @@ pub fn uninject(pod: &mut Value) -> Result<bool, UninjectError> {
     Ok(true)
 }
 
-/// Puts back the value that the container's last `LD_PRELOAD` entry had before the library
-/// was appended (`None`: the entry had no `value`).
-fn restore_preload(container: &mut Map<String, Value>, original: Option<&str>) {
+/// Puts back the value that the container's last `var` entry had before our item was
+/// appended (`None`: the entry had no `value`).
+fn restore_value(container: &mut Map<String, Value>, var: &str, original: Option<&str>) {
     let entry = container
         .get_mut("env")
         .and_then(Value::as_array_mut)
         .and_then(|list| {
             list.iter_mut()
                 .rev()
-                .find(|e| e.get("name").and_then(Value::as_str) == Some(LD_PRELOAD))
+                .find(|e| e.get("name").and_then(Value::as_str) == Some(var))
         })
         .and_then(Value::as_object_mut);
     let Some(entry) = entry else {
@@ -757,6 +824,63 @@ mod tests {
         for old in ["", "x", "/a.so:/b.so", " $(EXTRA) ", "é"] {
             assert!(append_library(old).starts_with(old), "{old:?}");
         }
+    }
+
+    #[test]
+    fn the_node_hook_is_appended_to_node_options_as_they_were() {
+        let c = |env: Vec<EnvVar>| Container {
+            name: "app".into(),
+            env: Some(env),
+            ..Container::default()
+        };
+        assert_eq!(node_plan(&Container::default()), Ok(Preload::Add));
+        assert_eq!(
+            node_plan(&c(vec![var(
+                NODE_OPTIONS,
+                Some("--max-old-space-size=512")
+            )])),
+            Ok(Preload::Append {
+                index: 0,
+                original: Some("--max-old-space-size=512".into()),
+                value: format!("--max-old-space-size=512 {NODE_REQUIRE}"),
+            })
+        );
+        for empty in [None, Some(""), Some("  ")] {
+            let Ok(Preload::Append { value, .. }) = node_plan(&c(vec![var(NODE_OPTIONS, empty)]))
+            else {
+                panic!("{empty:?}: appended");
+            };
+            assert_eq!(value.trim(), NODE_REQUIRE);
+        }
+        assert_eq!(
+            node_plan(&c(vec![var(
+                NODE_OPTIONS,
+                Some(&format!("--enable-source-maps {NODE_REQUIRE}"))
+            )])),
+            Ok(Preload::Present)
+        );
+        // A hook of the app's own with a similar name is not ours.
+        assert!(matches!(
+            node_plan(&c(vec![var(
+                NODE_OPTIONS,
+                Some("--require=/app/tracecar.js")
+            )])),
+            Ok(Preload::Append { .. })
+        ));
+        let from = EnvVar {
+            value_from: Some(EnvVarSource::default()),
+            ..var(NODE_OPTIONS, None)
+        };
+        let err = node_plan(&c(vec![from])).unwrap_err();
+        assert!(
+            err.contains("NODE_OPTIONS") && err.contains("valueFrom"),
+            "{err}"
+        );
+        let env_from = Container {
+            env_from: Some(vec![EnvFromSource::default()]),
+            ..Container::default()
+        };
+        assert!(node_plan(&env_from).is_err(), "envFrom may set it");
     }
 
     #[test]

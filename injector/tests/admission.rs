@@ -138,6 +138,7 @@ fn names(list: &Value) -> Vec<&str> {
 /// Where the preload library and the causal table are, in every container that uses them.
 const LIBRARY: &str = "/var/run/tracecar/lib/$PLATFORM/libtracecar_preload.so";
 const TABLE: &str = "/var/run/tracecar/causal";
+const NODE_REQUIRE: &str = "--require=/var/run/tracecar/node/tracecar.js";
 
 fn env<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
     container["env"]
@@ -644,6 +645,11 @@ fn assert_wired(container: &Value, volume: &str) {
         "{container}"
     );
     assert_eq!(count(container, "TRACECAR_CAUSAL_TABLE"), 1, "{container}");
+    assert_eq!(count(container, "NODE_OPTIONS"), 1, "{container}");
+    assert!(
+        env(container, "NODE_OPTIONS").is_some_and(|v| v.ends_with(NODE_REQUIRE)),
+        "{container}"
+    );
 }
 
 /// `container` was given nothing of the preload library.
@@ -661,6 +667,10 @@ fn assert_not_wired(container: &Value) {
         "{container}"
     );
     assert_eq!(env(container, "TRACECAR_CAUSAL_TABLE"), None, "{container}");
+    assert!(
+        env(container, "NODE_OPTIONS").is_none_or(|v| !v.contains(NODE_REQUIRE)),
+        "{container}"
+    );
 }
 
 /// The preload library's wiring (issue 12), fixture by fixture.
@@ -802,4 +812,31 @@ fn check_preload(o: &BTreeMap<String, Outcome>) {
     assert_eq!(env(proxy, "LD_PRELOAD"), None);
     assert_eq!(proxy["volumeMounts"][0]["mountPath"], "/var/run/tracecar");
     assert_eq!(names(&p["spec"]["initContainers"]), ["tracecar-init"]);
+
+    // NODE_OPTIONS: the app's own options stay first, byte for byte; valueFrom keeps the
+    // library but not the hook (told); a value that names the hook is left alone.
+    let p = patched("node-options");
+    let c = &p["spec"]["containers"];
+    let web = named(c, "web");
+    assert_wired(web, "tracecar-causal");
+    assert_eq!(
+        web["env"][0],
+        serde_json::json!({"name": "NODE_OPTIONS",
+            "value": format!("--max-old-space-size=512 --enable-source-maps {NODE_REQUIRE}")})
+    );
+    let configured = named(c, "configured");
+    assert_eq!(env(configured, "LD_PRELOAD"), Some(LIBRARY));
+    assert_eq!(count(configured, "NODE_OPTIONS"), 1);
+    assert!(configured["env"][0]["valueFrom"].is_object());
+    let already = named(c, "already");
+    assert_wired(already, "tracecar-causal");
+    assert_eq!(env(already, "NODE_OPTIONS"), Some(NODE_REQUIRE));
+    let w = &o["node-options"].warnings;
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].starts_with(
+            "tracecar.dev/correlation: container \"configured\": its NODE_OPTIONS is set with valueFrom"
+        ) && w[0].contains("Node.js runtime hook is not added"),
+        "{w:?}"
+    );
 }

@@ -187,7 +187,7 @@ proptest! {
 proptest! {
     #![proptest_config(config(256))]
 
-    /// Pods whose app containers have every shape of `LD_PRELOAD` (values of any text, no
+    /// Pods whose app containers have every shape of `LD_PRELOAD` and `NODE_OPTIONS` (values of any text, no
     /// value, valueFrom, several entries, envFrom, the library already named, the mount path
     /// taken), under every policy: the wiring follows the policy, an app's own `LD_PRELOAD`
     /// stays first and unchanged, and `uninject` gives back the pod exactly.
@@ -219,9 +219,9 @@ proptest! {
         };
         let patched = applied(&pod, &p, &defaults)?;
 
-        let preloads = |c: &Value| -> Vec<Value> {
+        let entries = |c: &Value, var: &str| -> Vec<Value> {
             c["env"].as_array().map_or(Vec::new(), |l| {
-                l.iter().filter(|e| e["name"] == "LD_PRELOAD").cloned().collect()
+                l.iter().filter(|e| e["name"] == var).cloned().collect()
             })
         };
         let after_all = patched["spec"]["containers"].as_array().cloned().unwrap_or_default();
@@ -230,21 +230,37 @@ proptest! {
                 .iter()
                 .find(|c| c["name"] == before["name"])
                 .ok_or_else(|| TestCaseError::fail("an app container went missing"))?;
-            let (b, a) = (preloads(before), preloads(after));
-            if !causal {
-                prop_assert_eq!(&a, &b, "{} changed LD_PRELOAD", settings.correlation);
-                prop_assert_eq!(&after["volumeMounts"], &before["volumeMounts"]);
-                continue;
-            }
-            match b.split_last() {
-                None => prop_assert!(a.len() <= 1, "{:?}", a),
-                Some((last, rest)) => {
-                    prop_assert_eq!(a.len(), b.len(), "an entry was added next to the app's own");
-                    prop_assert_eq!(&a[..rest.len()], rest, "only the last entry may change");
-                    let old = last["value"].as_str().unwrap_or("");
-                    let new = a[rest.len()]["value"].as_str().unwrap_or("");
-                    prop_assert!(new.starts_with(old), "{:?} -> {:?}", old, new);
+            for var in ["LD_PRELOAD", "NODE_OPTIONS"] {
+                let (b, a) = (entries(before, var), entries(after, var));
+                if !causal {
+                    prop_assert_eq!(&a, &b, "{} changed {}", settings.correlation, var);
+                    prop_assert_eq!(&after["volumeMounts"], &before["volumeMounts"]);
+                    continue;
                 }
+                match b.split_last() {
+                    None => prop_assert!(a.len() <= 1, "{:?}", a),
+                    Some((last, rest)) => {
+                        prop_assert_eq!(a.len(), b.len(), "an entry was added next to the app's own");
+                        prop_assert_eq!(&a[..rest.len()], rest, "only the last entry may change");
+                        let old = last["value"].as_str().unwrap_or("");
+                        let new = a[rest.len()]["value"].as_str().unwrap_or("");
+                        prop_assert!(new.starts_with(old), "{:?} -> {:?}", old, new);
+                    }
+                }
+            }
+            // The hook only with the library: never a Node.js `--require` without the volume.
+            let hooked = entries(after, "NODE_OPTIONS").last().is_some_and(|e| {
+                e["value"].as_str().is_some_and(|v| v.contains(NODE_REQUIRE))
+            });
+            let hooked_before = entries(before, "NODE_OPTIONS").last().is_some_and(|e| {
+                e["value"].as_str().is_some_and(|v| v.contains(NODE_REQUIRE))
+            });
+            if hooked && !hooked_before {
+                let mounted = after["volumeMounts"].as_array().is_some_and(|m| {
+                    m.iter().any(|m| m["mountPath"] == "/var/run/tracecar"
+                        && m["name"].as_str().is_some_and(|n| n.starts_with("tracecar-causal")))
+                });
+                prop_assert!(mounted, "the hook without the volume: {}", after);
             }
         }
 
@@ -254,7 +270,11 @@ proptest! {
     }
 }
 
-/// An app container (named by the caller) with an arbitrary mix of `LD_PRELOAD` entries,
+/// The option the injector appends to `NODE_OPTIONS` (the Node.js runtime hook).
+const NODE_REQUIRE: &str = "--require=/var/run/tracecar/node/tracecar.js";
+
+/// An app container (named by the caller) with an arbitrary mix of `LD_PRELOAD` and
+/// `NODE_OPTIONS` entries,
 /// other variables, `envFrom` and volume mounts.
 fn app_container() -> impl Strategy<Value = Value> {
     const LIB: &str = "/var/run/tracecar/lib/$PLATFORM/libtracecar_preload.so";
@@ -264,12 +284,17 @@ fn app_container() -> impl Strategy<Value = Value> {
         1 => Just(format!("/usr/lib/libjemalloc.so:{LIB}")),
         1 => Just(String::new()),
     ];
-    let entry = (0u8..5, value).prop_map(|(kind, v)| match kind {
+    let entry = (0u8..9, value).prop_map(|(kind, v)| match kind {
         0 => json!({"name": "LD_PRELOAD", "value": v}),
         1 => json!({"name": "LD_PRELOAD"}),
         2 => json!({"name": "LD_PRELOAD",
             "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}}),
         3 => json!({"name": "TRACECAR_CAUSAL_TABLE", "value": v}),
+        4 => json!({"name": "NODE_OPTIONS", "value": v}),
+        5 => json!({"name": "NODE_OPTIONS", "value": format!("{v} {NODE_REQUIRE}")}),
+        6 => json!({"name": "NODE_OPTIONS"}),
+        7 => json!({"name": "NODE_OPTIONS",
+            "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}),
         _ => json!({"name": "OTHER", "value": v}),
     });
     let mount = proptest::sample::select(

@@ -73,16 +73,46 @@ impl FrontApp {
         shape: &str,
         env: &[(String, String)],
     ) -> FrontApp {
-        let mut child = Command::new("python3")
-            .args([
-                "-u",
-                "-c",
-                FRONT_APP,
-                proxy,
-                backend,
-                &port.to_string(),
-                shape,
-            ])
+        let apps = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../preload/tests/apps");
+        let backend_port = backend.rsplit(':').next().unwrap_or_default();
+        let proxy_port = proxy.rsplit(':').next().unwrap_or_default();
+        let mut cmd = match shape {
+            // The Node.js and JVM apps of the preload library's own tests, given the forward
+            // proxy and the port to listen on.
+            "node-sockets" | "node-timer" => {
+                let mut c = Command::new("node");
+                c.arg(apps.join("frontend.js")).args([
+                    backend_port,
+                    shape.trim_start_matches("node-"),
+                    proxy_port,
+                    &port.to_string(),
+                ]);
+                c
+            }
+            "jvm" => {
+                let mut c = Command::new("java");
+                c.arg(apps.join("Frontend.java")).args([
+                    backend_port,
+                    proxy_port,
+                    &port.to_string(),
+                ]);
+                c
+            }
+            _ => {
+                let mut c = Command::new("python3");
+                c.args([
+                    "-u",
+                    "-c",
+                    FRONT_APP,
+                    proxy,
+                    backend,
+                    &port.to_string(),
+                    shape,
+                ]);
+                c
+            }
+        };
+        let mut child = cmd
             .envs(env.iter().map(|(k, v)| (k, v)))
             // The explicit proxy must be used for loopback too.
             .env_remove("no_proxy")
@@ -200,6 +230,12 @@ async fn run_with(
                 .to_string(),
         ));
         app_env.push(("TRACECAR_CAUSAL_TABLE".to_string(), table));
+        // As the injector adds it: the Node.js hook the proxy wrote to the volume (other
+        // runtimes ignore the variable).
+        app_env.push((
+            "NODE_OPTIONS".to_string(),
+            format!("--require={}", volume.join("node/tracecar.js").display()),
+        ));
     }
     let backend = App::start().await;
     // The proxy needs the app's address and the app the proxy's: the app's port is chosen first.
@@ -272,7 +308,11 @@ async fn run_with(
     out.report(&format!(
         "{}{}",
         if preload { "causal+preload" } else { policy },
-        if shape == "threads" { "" } else { " (fork)" }
+        if shape == "threads" {
+            String::new()
+        } else {
+            format!(" ({shape})")
+        }
     ));
     let _ = std::fs::remove_dir_all(&volume);
     out
@@ -364,7 +404,40 @@ async fn inflight_guesses_every_parent_and_says_so() {
 /// process per connection, and none wrongly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_preload_library_gives_every_call_its_exact_parent() {
-    for (clients, shape) in [(8, "threads"), (32, "threads"), (8, "fork")] {
+    exact_parents(&[(8, "threads"), (32, "threads"), (8, "fork")]).await;
+}
+
+/// The same through the real proxy for the other runtimes, wired as the injector wires them:
+/// Node.js with keep-alive calls whose continuations follow socket reads, Node.js awaiting a
+/// timer before each call (the runtime hook, loaded with `NODE_OPTIONS` from the file the
+/// proxy wrote to the volume), and a JVM (`com.sun.net.httpserver` with a 16-thread pool,
+/// `HttpURLConnection` through the proxy, whose keep-alive cache hands connections between
+/// threads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_and_jvm_apps_get_their_exact_parents_through_the_proxy() {
+    for runtime in ["node", "java"] {
+        // In CI the runtimes are installed (scripts/install-deps.sh): never skip there.
+        if Command::new(runtime).arg("--version").output().is_err() {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "{runtime} is missing in CI"
+            );
+            eprintln!("SKIPPED: no {runtime}");
+            return;
+        }
+    }
+    exact_parents(&[
+        (8, "node-sockets"),
+        (32, "node-timer"),
+        (8, "node-timer"),
+        (8, "jvm"),
+        (32, "jvm"),
+    ])
+    .await;
+}
+
+async fn exact_parents(runs: &[(usize, &str)]) {
+    for &(clients, shape) in runs {
         let out = run_with("causal", clients, 96, 0, true, shape).await;
         assert!(out.wrong.is_empty(), "wrong parents: {:#?}", out.wrong);
         for s in &out.right {

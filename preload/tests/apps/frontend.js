@@ -1,18 +1,27 @@
 // A header-blind Node.js frontend: each inbound GET /req/<id> makes two outbound calls,
 // GET /call/<id>/<n>, through a keep-alive agent, and forwards no headers.
-// usage: node frontend.js BACKEND_PORT [sockets|timer]
+// usage: node frontend.js BACKEND_PORT [sockets|timer] [PROXY_PORT LISTEN_PORT]
 //   sockets: each continuation follows a socket read (what libc alone can follow);
-//   timer:   awaits a short timer before each call (needs a runtime hook, not done yet).
+//   timer:   awaits a short timer before each call (needs the runtime hook);
+//   PROXY_PORT: calls go through the forward proxy at 127.0.0.1:PROXY_PORT (absolute-form
+//   targets, as an app configured with a proxy sends them), and the app listens on LISTEN_PORT.
 const http = require('http');
 
 const backend = Number(process.argv[2]);
 const mode = process.argv[3] || 'sockets';
+const proxy = Number(process.argv[4] || 0);
+const listen = Number(process.argv[5] || 0);
 const agent = new http.Agent({ keepAlive: true, maxSockets: 64 });
 
 function call(id, n) {
+  const path = `/call/${id}/${n}`;
+  const target = proxy
+    ? { host: '127.0.0.1', port: proxy, path: `http://127.0.0.1:${backend}${path}`,
+        headers: { host: `127.0.0.1:${backend}` } }
+    : { host: '127.0.0.1', port: backend, path };
   return new Promise((resolve, reject) => {
     http
-      .get({ host: '127.0.0.1', port: backend, path: `/call/${id}/${n}`, agent }, (r) => {
+      .get({ ...target, agent }, (r) => {
         r.resume();
         r.on('end', resolve);
       })
@@ -32,4 +41,4 @@ const server = http.createServer(async (req, res) => {
   res.end('ok');
 });
 server.keepAliveTimeout = 30000;
-server.listen(0, '127.0.0.1', () => console.log(server.address().port));
+server.listen(listen, '127.0.0.1', () => console.log(server.address().port));
