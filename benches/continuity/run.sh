@@ -81,10 +81,13 @@ require('http').createServer((q, r) => { r.writeHead(200, {'content-length': 2})
 EOF
 
 # req/s of one wrk run against an app started with the given environment.
-measure() { # runtime port with_library
+measure() { # runtime port with (0: nothing; 1: the library; 2: the library and the Node.js hook)
     local runtime=$1 port=$2 with=$3 pid app
     case $runtime in python3) app=$work/hello.py ;; *) app=$work/hello.js ;; esac
-    if [ "$with" = 1 ]; then
+    if [ "$with" = 2 ]; then
+        LD_PRELOAD=$lib TRACECAR_CAUSAL_TABLE=$table NODE_OPTIONS="--require=$hook" \
+            "$runtime" "$app" "$port" 2>/dev/null &
+    elif [ "$with" = 1 ]; then
         LD_PRELOAD=$lib TRACECAR_CAUSAL_TABLE=$table "$runtime" "$app" "$port" 2>/dev/null &
     else
         env -u LD_PRELOAD "$runtime" "$app" "$port" 2>/dev/null &
@@ -95,7 +98,15 @@ measure() { # runtime port with_library
         (echo >"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
         sleep 0.1
     done
-    wrk -t1 -c8 -d"${secs}s" "http://127.0.0.1:$port/" 2>/dev/null | awk '/Requests\/sec/ {print int($2)}'
+    # The app's CPU per request as well (less at the mercy of a noisy machine than req/s).
+    local t0 t1 out
+    t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    out=$(wrk -t1 -c8 -d"${secs}s" "http://127.0.0.1:$port/" 2>/dev/null)
+    t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    awk -v a="$t0" -v b="$t1" -v hz="$(getconf CLK_TCK)" '
+        /requests in/ {n = $1}
+        /Requests\/sec/ {rps = int($2)}
+        END {printf "%d %.2f\n", rps, (n > 0) ? (b - a) * 1e6 / hz / n : 0}' <<<"$out"
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
 }
@@ -103,18 +114,25 @@ measure() { # runtime port with_library
 echo
 echo "## App throughput on a hello-world path (wrk -t1 -c8, ${secs} s; median of $rounds alternating rounds)"
 echo
-echo "| app | without (req/s) | with the library (req/s) | ratio |"
-echo "| --- | ---: | ---: | ---: |"
+echo "| app | without (req/s) | with (req/s) | ratio | without (app CPU µs/req) | with (app CPU µs/req) | ratio |"
+echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
 port=19280
-for runtime in python3 node; do
+hook=$PWD/preload/node/tracecar.js
+for variant in "python3 1" "node 1" "node 2"; do
+    read -r runtime level <<<"$variant"
     without=() with=()
     for _ in $(seq "$rounds"); do
         port=$((port + 1)); without+=("$(measure "$runtime" "$port" 0)")
-        port=$((port + 1)); with+=("$(measure "$runtime" "$port" 1)")
+        port=$((port + 1)); with+=("$(measure "$runtime" "$port" "$level")")
     done
-    a=$(printf '%s\n' "${without[@]}" | median)
-    b=$(printf '%s\n' "${with[@]}" | median)
+    a=$(printf '%s\n' "${without[@]}" | awk '{print $1}' | median)
+    b=$(printf '%s\n' "${with[@]}" | awk '{print $1}' | median)
+    ca=$(printf '%s\n' "${without[@]}" | awk '{print $2}' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
+    cb=$(printf '%s\n' "${with[@]}" | awk '{print $2}' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
     ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f", (a > 0) ? b / a : 0 }')
-    echo "| $runtime | $a | $b | $ratio |"
+    cratio=$(awk -v a="$ca" -v b="$cb" 'BEGIN { printf "%.3f", (a > 0) ? b / a : 0 }')
+    what="the library"
+    [ "$level" = 2 ] && what="the library and the runtime hook"
+    echo "| $runtime, $what | $a | $b | $ratio | $ca | $cb | $cratio |"
 done

@@ -42,12 +42,21 @@ pub const MAX_BODY: usize = 4 * 1024 * 1024;
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The correlation policies a path may name (`/inject/correlation/<policy>`).
+const POLICIES: [&str; 3] = ["causal", "inflight", "off"];
+
 /// What the request handlers share.
 pub struct State {
     /// Defaults for `/inject` (inject unless opted out).
     pub defaults: Defaults,
     /// Defaults for `/inject/opt-in` (inject only when opted in).
     pub opt_in: Defaults,
+    /// The same two with the correlation policy of the pod's namespace, for
+    /// `/inject/correlation/<policy>` and `/inject/opt-in/correlation/<policy>`: the chart
+    /// routes pods of a namespace labelled `tracecar.dev/correlation=<policy>` there (an
+    /// AdmissionReview does not carry the namespace's labels). A pod's own annotation still
+    /// wins.
+    by_policy: Vec<(String, Defaults)>,
     pub metrics: Arc<Metrics>,
     /// True while the webhook serves; false before start and while draining.
     pub ready: AtomicBool,
@@ -57,9 +66,18 @@ impl State {
     pub fn new(defaults: Defaults, metrics: Arc<Metrics>) -> Self {
         let mut opt_in = defaults.clone();
         opt_in.inject_by_default = false;
+        let mut by_policy = Vec::new();
+        for (base, d) in [("/inject", &defaults), ("/inject/opt-in", &opt_in)] {
+            for policy in POLICIES {
+                let mut d = d.clone();
+                d.correlation = policy;
+                by_policy.push((format!("{base}/correlation/{policy}"), d));
+            }
+        }
         State {
             defaults,
             opt_in,
+            by_policy,
             metrics,
             ready: AtomicBool::new(false),
         }
@@ -248,20 +266,31 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     r
 }
 
-/// Routes one request: `POST /inject` and `POST /inject/opt-in`.
+/// Routes one request: `POST /inject` and `POST /inject/opt-in`, each optionally followed by
+/// `/correlation/<policy>` (the namespace's policy).
 pub async fn handle<B>(state: &State, req: Request<B>) -> Response<Full<Bytes>>
 where
     B: Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let defaults = match req.uri().path() {
-        "/inject" => &state.defaults,
-        "/inject/opt-in" => &state.opt_in,
-        _ => {
+    let path = req.uri().path();
+    let defaults = match path {
+        "/inject" => Some(&state.defaults),
+        "/inject/opt-in" => Some(&state.opt_in),
+        _ => state
+            .by_policy
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, d)| d),
+    };
+    let defaults = match defaults {
+        Some(d) => d,
+        None => {
             state.metrics.bad_request("not-found");
             return text(
                 StatusCode::NOT_FOUND,
-                "not found: POST /inject or /inject/opt-in\n",
+                "not found: POST /inject or /inject/opt-in, optionally followed by \
+                 /correlation/causal, /correlation/inflight or /correlation/off\n",
             );
         }
     };

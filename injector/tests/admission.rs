@@ -813,6 +813,18 @@ fn check_preload(o: &BTreeMap<String, Outcome>) {
     assert_eq!(proxy["volumeMounts"][0]["mountPath"], "/var/run/tracecar");
     assert_eq!(names(&p["spec"]["initContainers"]), ["tracecar-init"]);
 
+    // A namespace's policy (the chart routes its pods to /inject[/opt-in]/correlation/<policy>);
+    // a pod's annotation still wins.
+    let p = patched("namespace-inflight");
+    assert_not_wired(named(&p["spec"]["containers"], "app"));
+    assert_eq!(env(&proxy_of(p), "TRACECAR_CORRELATION"), Some("inflight"));
+    let p = patched("namespace-off-pod-causal");
+    assert_wired(named(&p["spec"]["containers"], "app"), "tracecar-causal");
+    assert_eq!(env(&proxy_of(p), "TRACECAR_CORRELATION"), Some("causal"));
+    let p = patched("namespace-opt-in-off");
+    assert_not_wired(named(&p["spec"]["containers"], "app"));
+    assert_eq!(env(&proxy_of(p), "TRACECAR_CORRELATION"), Some("off"));
+
     // NODE_OPTIONS: the app's own options stay first, byte for byte; valueFrom keeps the
     // library but not the hook (told); a value that names the hook is left alone.
     let p = patched("node-options");

@@ -41,7 +41,19 @@ async fn malformed_reviews_get_400_with_a_reason() {
         assert!(text.contains(expect), "{text}");
     }
     // Unknown paths and methods.
-    assert_eq!(c.post(s.addr, "/mutate", "{}").await.unwrap().status, 404);
+    for path in [
+        "/mutate",
+        "/inject/correlation",
+        "/inject/correlation/bogus",
+        "/inject/opt-in/correlation/",
+        "/inject/correlation/inflight/x",
+    ] {
+        assert_eq!(
+            c.post(s.addr, path, "{}").await.unwrap().status,
+            404,
+            "{path}"
+        );
+    }
 
     // A well-formed review of a non-pod or a pod UPDATE is allowed without a patch.
     let mut cm = common::review(

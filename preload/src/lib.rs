@@ -15,7 +15,8 @@
 //! - [`hooks`]: the exported symbols that replace libc's.
 //!
 //! `node/tracecar.js` is the Node.js runtime hook: it tells the library the cause of each
-//! callback (timers, promise continuations) through `track::runtime_says`.
+//! callback (timers, promise continuations) in a cell it registers through
+//! `track::runtime_says`.
 
 mod fds;
 mod hooks;

@@ -6,6 +6,7 @@
 //! hook (see `track::runtime_says`) names a cause by its port alone.
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::fds::{self, Kind};
 
@@ -70,8 +71,29 @@ impl Cause {
 
 thread_local! {
     static CURRENT: Cell<u64> = const { Cell::new(0) };
+    /// The thread's runtime cell (see `track::runtime_says`): its runtime's word on whose work
+    /// the running callback is, kept up to date by the runtime hook.
+    static RUNTIME_CELL: Cell<*const AtomicU32> = const { Cell::new(std::ptr::null()) };
     /// The thread runs an event loop (it has returned from `epoll_wait`).
     static EVENT_LOOP: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Registers the calling thread's runtime cell.
+pub fn set_runtime_cell(cell: *const AtomicU32) {
+    let _ = RUNTIME_CELL.try_with(|c| c.set(cell));
+}
+
+/// What the calling thread's runtime cell holds, if it has one: the port of the inbound
+/// connection the running callback works for (0: none).
+pub fn runtime_port() -> Option<u16> {
+    let cell = RUNTIME_CELL.try_with(Cell::get).ok()?;
+    if cell.is_null() {
+        return None;
+    }
+    // SAFETY: a registered cell is 4 aligned bytes the runtime hook keeps alive for the life
+    // of this thread (its contract); read atomically, any value is only data.
+    let v = unsafe { (*cell).load(Ordering::Relaxed) };
+    Some(u16::try_from(v).unwrap_or(0))
 }
 
 /// Marks the calling thread as an event loop's.

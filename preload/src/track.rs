@@ -21,7 +21,7 @@
 
 use std::ffi::CStr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 use libc::{c_int, sockaddr, socklen_t, ssize_t};
@@ -33,15 +33,16 @@ use crate::thread::{self, Cause};
 
 static TABLE: OnceLock<Table> = OnceLock::new();
 
-/// A runtime hook has spoken in this process: its event loops' continuations are followed.
-static HOOK_SPOKE: AtomicBool = AtomicBool::new(false);
-
-/// The cause the calling thread may publish. On an event loop with no runtime hook, a
-/// continuation that no socket read preceded (a timer) still carries the last read's cause,
-/// which would be a wrong parent: such threads publish "unknown" instead, so an app is never
-/// worse off for lacking the hook.
+/// The cause the calling thread may publish. A thread whose runtime hook registered a cell
+/// publishes what the cell holds: the runtime knows whose work each callback is. On an event
+/// loop with no runtime hook, a continuation that no socket read preceded (a timer) still
+/// carries the last read's cause, which would be a wrong parent: such threads publish
+/// "unknown" instead, so an app is never worse off for lacking the hook.
 fn publishable() -> Cause {
-    if thread::in_event_loop() && !HOOK_SPOKE.load(Ordering::Relaxed) {
+    if let Some(port) = thread::runtime_port() {
+        return Cause::runtime(port);
+    }
+    if thread::in_event_loop() {
         return Cause::NONE;
     }
     thread::current()
@@ -218,14 +219,19 @@ pub fn read(fd: c_int, n: ssize_t) {
 /// the kernel's limit on open files is far lower), so a write to it never reaches the kernel
 /// when the library is active, and fails with `EBADF` as always when it is not.
 pub const RUNTIME_FD: c_int = 0x7fff_fffe;
-const RUNTIME_MAGIC: [u8; 4] = *b"TRCC";
+const RUNTIME_MAGIC: [u8; 4] = *b"TRCR";
 
-/// A runtime hook's message, written to [`RUNTIME_FD`]: `TRCC` then the inbound connection's
-/// peer port as a little-endian u32 (0: none). The calling thread now works for it. Returns
-/// what the write returns (its length), or `None` to let the write go to the kernel.
+/// A runtime hook registers its cell, written once to [`RUNTIME_FD`]: 8 bytes, `TRCR` then a
+/// little-endian u32, written from the cell itself, which the hook keeps for the life of the
+/// thread. From then on the hook tells whose work each callback is by storing the inbound
+/// connection's peer port (0: none) in the cell's last 4 bytes, a plain memory write (a system
+/// call per callback cost Node.js half its throughput), and the library reads the cell when
+/// the thread publishes. Returns what the write returns (its length), or `None` to let the
+/// write go to the kernel (and fail with `EBADF`).
 ///
 /// # Safety
-/// `buf` is valid for reads of `n` bytes (the write's own contract).
+/// `buf` is valid for reads of `n` bytes (the write's own contract); a registered cell must
+/// stay valid for as long as its thread lives (the hook's contract: preload/node/tracecar.js).
 pub unsafe fn runtime_says(buf: *const libc::c_void, n: libc::size_t) -> Option<ssize_t> {
     table()?;
     if n != 8 || buf.is_null() {
@@ -236,9 +242,12 @@ pub unsafe fn runtime_says(buf: *const libc::c_void, n: libc::size_t) -> Option<
     if msg[..4] != RUNTIME_MAGIC {
         return None;
     }
-    let port = u32::from_le_bytes([msg[4], msg[5], msg[6], msg[7]]);
-    HOOK_SPOKE.store(true, Ordering::Relaxed);
-    thread::set(Cause::runtime(u16::try_from(port).unwrap_or(0)));
+    // SAFETY: `buf` + 4 lies within the 8 bytes; the cell is only read atomically.
+    let port = unsafe { buf.cast::<u8>().add(4) };
+    if (port as usize) % std::mem::align_of::<AtomicU32>() != 0 {
+        return None;
+    }
+    thread::set_runtime_cell(port.cast::<AtomicU32>());
     Some(8)
 }
 

@@ -208,6 +208,33 @@ def cmd_webhook(argv):
     return errs
 
 
+def cmd_ns_correlation(argv):
+    """Each namespace's pods call exactly one webhook, whose path names the policy of its
+    tracecar.dev/correlation label (argv: manifest, whether the opt-in webhook is on: 0/1,
+    whether namespaceCorrelation is on: 0/1)."""
+    docs = load(argv[0])
+    opt_in, per_ns = argv[1] == "1", argv[2] == "1"
+    hooks = one(docs, "MutatingWebhookConfiguration")["webhooks"]
+    errs = []
+    cases = []
+    for policy in ["", "causal", "inflight", "off", "bogus"]:
+        labels = {"kubernetes.io/metadata.name": "shop"}
+        if policy:
+            labels["tracecar.dev/correlation"] = policy
+        named = policy if per_ns and policy in ("causal", "inflight", "off") else ""
+        suffix = f"/correlation/{named}" if named else ""
+        cases.append(({**labels, "tracecar.dev/inject": "enabled"}, "/inject" + suffix))
+        cases.append((labels, "/inject/opt-in" + suffix if opt_in else None))
+    for labels, want in cases:
+        called = [h["clientConfig"]["service"]["path"] for h in hooks
+                  if selector_matches(h["namespaceSelector"], labels)]
+        if want is None and called:
+            errs.append(f"{labels}: calls {called}, expected none")
+        elif want is not None and called != [want]:
+            errs.append(f"{labels}: calls {called}, expected exactly {want}")
+    return errs
+
+
 def cmd_injector_pod(argv):
     """The injector Deployment: replicas, PDB, spread, hardening, probes, resources, no RBAC."""
     docs = load(argv[0])
@@ -520,6 +547,8 @@ EOF
 cat >"$tmp/values/container.yaml" <<'EOF'
 proxy:
   sidecarMode: container
+webhook:
+  namespaceCorrelation: false
 EOF
 cat >"$tmp/values/http-proxy.yaml" <<'EOF'
 proxy:
@@ -581,6 +610,7 @@ run_check() { # description, check args...
 }
 [ -s "$tmp/default.yaml" ] && {
   run_check "webhook: v1 reviews, sideEffects None, failurePolicy Ignore, IfNeeded, short timeout, objectSelector" webhook "$tmp/default.yaml" Ignore
+  run_check "namespace policy: a namespace labelled tracecar.dev/correlation=<policy> calls /inject/correlation/<policy>, and only that" ns_correlation "$tmp/default.yaml" 0 1
   run_check "injector: 2 replicas, PDB, zone+node spread, hardened, probes, resources, no RBAC" injector_pod "$tmp/default.yaml"
   mkdir -p "$tmp/pem"
   run_check "generated certs: caBundle is the Secret's CA; serving cert verifies for the Service" certs_generated "$tmp/default.yaml" "$tmp/pem"
@@ -597,7 +627,10 @@ run_check() { # description, check args...
   run_check "cert-manager with an external issuer" certs_manager "$tmp/cert-manager-issuer.yaml" corp-ca
   run_check "collector client Certificate fills --collector-tls-secret" collector_cert "$tmp/cert-manager-issuer.yaml" otlp-ca
 }
-[ -s "$tmp/container.yaml" ] && run_check "sidecar mode container passed to the injector" args "$tmp/container.yaml" sidecar-mode=container capture=iptables
+[ -s "$tmp/container.yaml" ] && {
+  run_check "sidecar mode container passed to the injector" args "$tmp/container.yaml" sidecar-mode=container capture=iptables
+  run_check "namespaceCorrelation=false: one webhook, namespace labels ignored" ns_correlation "$tmp/container.yaml" 0 0
+}
 [ -s "$tmp/http-proxy.yaml" ] && {
   run_check "http-proxy capture and every proxy setting passed to the injector" args "$tmp/http-proxy.yaml" \
     capture=http-proxy propagators=tracecontext,baggage,b3multi,jaeger sampling-ratio=0.25 correlation=off \
@@ -606,6 +639,7 @@ run_check() { # description, check args...
     proxy-memory-request=24Mi proxy-memory-limit=96Mi collector-endpoint=http://collector.obs:4318 \
     collector-protocol=http/protobuf collector-tls-secret=!
   run_check "failurePolicy Fail and the annotation opt-in webhook" webhook "$tmp/http-proxy.yaml" Fail
+  run_check "namespace policy with opt-in: one webhook per namespace, /correlation/<its label>" ns_correlation "$tmp/http-proxy.yaml" 1 1
   if grep -q 'path: /inject/opt-in' "$tmp/http-proxy.yaml"; then pass "opt-in webhook calls /inject/opt-in"; else fail "opt-in webhook missing"; fi
 }
 [ -s "$tmp/images.yaml" ] && run_check "custom images by tag and digest" args "$tmp/images.yaml" \
