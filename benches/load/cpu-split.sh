@@ -11,7 +11,8 @@
 #
 # Settings: ROUNDS (2), SECONDS_PER_RUN (5), CONNS (64), WORKERS (1: tracecar workers and nginx
 # worker_processes), PROXY_CPUS (1), LOAD_CPUS (0), TARGETS ("full off nginx"; "base" is full
-# tracing with the binary BASE_BIN, e.g. one built from an earlier commit), PORT_BASE (19180).
+# tracing with the binary BASE_BIN, e.g. one built from an earlier commit; "causal" is full
+# tracing with the causal table open), PORT_BASE (19180).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=common.sh
@@ -61,7 +62,15 @@ measure() { # measure LABEL
     *)
         local extra=() proxy_bin=$bin/tracecar-proxy
         [ "$label" = base ] && proxy_bin=${BASE_BIN:?BASE_BIN names the baseline binary}
-        [ "$label" = off ] && extra=(OTEL_TRACES_SAMPLER=always_off OTEL_TRACES_EXPORTER=none OTEL_PROPAGATORS=none)
+        # No causal table unless asked for (a directory that does not exist: correlation falls back).
+        extra=(TRACECAR_CAUSAL_TABLE=/nonexistent/tracecar/causal)
+        [ "$label" = off ] && extra+=(OTEL_TRACES_SAMPLER=always_off OTEL_TRACES_EXPORTER=none OTEL_PROPAGATORS=none)
+        if [ "$label" = causal ]; then
+            # Full tracing with the preload library's table open, as in an injected pod: each
+            # inbound request records its app connection for the outbound lookups.
+            mkdir -p "$work/causal"
+            extra=(TRACECAR_CAUSAL_TABLE="$work/causal/causal")
+        fi
         taskset -c "$proxy_cpus" env TRACECAR_INBOUND_LISTEN="$inbound" \
             TRACECAR_OUTBOUND_LISTEN=127.0.0.1:$((base + 3)) TRACECAR_ADMIN_LISTEN=127.0.0.1:$((base + 4)) \
             TRACECAR_INBOUND_TARGET="$app" OTEL_SERVICE_NAME=bench OTEL_TRACES_EXPORTER=otlp \
