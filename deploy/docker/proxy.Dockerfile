@@ -17,16 +17,22 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && install -D -m 0755 target/release/tracecar-proxy /out/tracecar-proxy
 
 # The preload library runs inside the app's (glibc) processes, so it is built against glibc, and
-# an old one: glibc refuses to load a library that needs symbol versions newer than its own.
-# bullseye's glibc 2.31 is the floor (Debian 11, Ubuntu 20.04 and newer; docs/causal.md).
-ARG PRELOAD_IMAGE=rust:1.90-bullseye
+# against old symbol versions: glibc refuses to load a library that needs versions newer than
+# its own. scripts/build-preload.sh links it against glibc 2.17's (cargo-zigbuild with Zig's
+# glibc stubs) and checks that: it loads from RHEL 7 / CentOS 7 and Debian 9 on
+# (docs/causal.md).
+ARG PRELOAD_IMAGE=rust:1.90-bookworm
 FROM ${PRELOAD_IMAGE} AS preload
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends python3-pip binutils \
+ && rm -rf /var/lib/apt/lists/* \
+ && pip3 install --no-cache-dir --break-system-packages ziglang==0.17.1 \
+ && cargo install --locked cargo-zigbuild@0.24.1
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p tracecar-preload \
- && install -D -m 0755 target/release/libtracecar_preload.so /out/libtracecar_preload.so
+    scripts/build-preload.sh /out >/dev/null
 
 FROM scratch
 LABEL org.opencontainers.image.title="tracecar-proxy" \

@@ -15,7 +15,18 @@ use tracecar_causal::{Key, Table};
 
 /// `target/<profile>/libtracecar_preload.so`, freshly built: `cargo test` builds a cdylib's
 /// integration tests but not the cdylib itself, so the first test to ask builds it.
+/// `TRACECAR_PRELOAD_LIB` names another build to test instead (the shipped one,
+/// scripts/build-preload.sh).
 pub fn library() -> PathBuf {
+    if let Some(lib) = std::env::var_os("TRACECAR_PRELOAD_LIB") {
+        let lib = PathBuf::from(lib);
+        assert!(
+            lib.exists(),
+            "TRACECAR_PRELOAD_LIB={} does not exist",
+            lib.display()
+        );
+        return lib;
+    }
     static BUILT: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().unwrap().parent().unwrap();
