@@ -411,11 +411,12 @@ pub fn encode_review(mut response: AdmissionResponse) -> Result<Vec<u8>, String>
 // Small helpers keep `admit` readable: build, log and count the response.
 
 fn check_types(types: &kube::core::TypeMeta) -> Result<(), String> {
-    if types.kind == "AdmissionReview" && types.api_version == "admission.k8s.io/v1" {
+    use kube::core::admission::{META_API_VERSION_V1, META_KIND};
+    if types.kind == META_KIND && types.api_version == META_API_VERSION_V1 {
         Ok(())
     } else {
         Err(format!(
-            "expected apiVersion admission.k8s.io/v1, kind AdmissionReview; got {:?}, {:?}",
+            "expected apiVersion {META_API_VERSION_V1}, kind {META_KIND}; got {:?}, {:?}",
             types.api_version, types.kind
         ))
     }

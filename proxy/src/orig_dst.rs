@@ -1,5 +1,5 @@
 //! The original destination of a connection that iptables redirected to us
-//! (`SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`).
+//! (`SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST`, read with socket2).
 //!
 //! `tracecar-proxy init` installs nat `REDIRECT` rules; conntrack remembers the address the
 //! peer dialled, and these socket options read it back. A connection that was not redirected
@@ -18,24 +18,30 @@ pub fn original_dst(stream: &tokio::net::TcpStream) -> std::io::Result<Option<So
 #[cfg(target_os = "linux")]
 mod imp {
     use std::io;
-    use std::mem::{size_of, MaybeUninit};
-    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-    use std::os::fd::{AsRawFd, RawFd};
+    use std::net::SocketAddr;
+
+    use socket2::SockRef;
 
     pub(super) fn original_dst(
         stream: &tokio::net::TcpStream,
         local: SocketAddr,
     ) -> io::Result<Option<SocketAddr>> {
-        let fd = stream.as_raw_fd();
+        let sock = SockRef::from(stream);
         // An IPv4 client on a dual-stack `[::]` listener is IPv4 to conntrack.
         let ipv4 = match local {
             SocketAddr::V4(_) => true,
             SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_some(),
         };
-        let got = if ipv4 { ipv4_dst(fd) } else { ipv6_dst(fd) };
-        match got {
-            Ok(dst) if same_addr(dst, local) => Ok(None),
-            Ok(dst) => Ok(Some(dst)),
+        let got = if ipv4 {
+            sock.original_dst_v4()
+        } else {
+            sock.original_dst_v6()
+        };
+        match got.map(|a| a.as_socket()) {
+            Ok(Some(dst)) if same_addr(dst, local) => Ok(None),
+            Ok(Some(dst)) => Ok(Some(dst)),
+            // Not an inet address: nothing we could connect to.
+            Ok(None) => Ok(None),
             // ENOENT: conntrack has no entry (not redirected); ENOPROTOOPT: conntrack for this
             // family is not loaded in the kernel, so nothing can have been redirected.
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOPROTOOPT)) => {
@@ -49,40 +55,6 @@ mod imp {
     pub(super) fn same_addr(a: SocketAddr, b: SocketAddr) -> bool {
         let canon = |s: SocketAddr| (s.ip().to_canonical(), s.port());
         canon(a) == canon(b)
-    }
-
-    fn ipv4_dst(fd: RawFd) -> io::Result<SocketAddr> {
-        let sin: libc::sockaddr_in = getsockopt(fd, libc::SOL_IP, libc::SO_ORIGINAL_DST)?;
-        let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-        Ok(SocketAddr::V4(SocketAddrV4::new(
-            ip,
-            u16::from_be(sin.sin_port),
-        )))
-    }
-
-    fn ipv6_dst(fd: RawFd) -> io::Result<SocketAddr> {
-        let sin6: libc::sockaddr_in6 = getsockopt(fd, libc::SOL_IPV6, libc::IP6T_SO_ORIGINAL_DST)?;
-        let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
-        Ok(SocketAddr::V6(SocketAddrV6::new(
-            ip,
-            u16::from_be(sin6.sin6_port),
-            u32::from_be(sin6.sin6_flowinfo),
-            sin6.sin6_scope_id,
-        )))
-    }
-
-    /// `getsockopt` for a plain-old-data sockaddr `T`.
-    fn getsockopt<T: Copy>(fd: RawFd, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
-        let mut value = MaybeUninit::<T>::zeroed();
-        let mut len = size_of::<T>() as libc::socklen_t;
-        // SAFETY: `value` is a writable buffer of `len` bytes that lives across the call, and
-        // the sockaddr types used here are valid for any bit pattern (zeroed first).
-        let rc = unsafe { libc::getsockopt(fd, level, name, value.as_mut_ptr().cast(), &mut len) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: zero-initialised and (partly) written by the kernel; any bytes are valid.
-        Ok(unsafe { value.assume_init() })
     }
 }
 
