@@ -387,7 +387,7 @@ pub struct ServeConfig {
 impl ServeArgs {
     pub fn validate(&self) -> Result<ServeConfig, ConfigError> {
         const ADDR: &str = "an address host:port (e.g. 0.0.0.0:8443)";
-        const DUR: &str = "a duration such as 2s or 500ms";
+        const DUR: &str = "a duration such as 2s, 500ms or 1m";
         let addr = |s: &str| s.trim().parse::<SocketAddr>().map_err(|_| ADDR);
         let workers = |s: &str| match s.trim().parse::<usize>() {
             Ok(n) if (1..=1024).contains(&n) => Ok(n),
@@ -429,18 +429,9 @@ impl ServeArgs {
     }
 }
 
-/// Parses `500ms`, `2s`, `1m`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = num.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
-        _ => None,
-    }
-}
+/// Durations as the proxy reads them (`10s`, `500ms`, `2m`, `1.5s`, or bare seconds): one
+/// parser for both.
+pub use tracecar_values::parse_duration;
 
 #[cfg(test)]
 mod tests {
@@ -470,7 +461,11 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
         assert_eq!(parse_duration("150ms"), Some(Duration::from_millis(150)));
-        assert_eq!(parse_duration("2"), None);
+        assert_eq!(
+            parse_duration("2"),
+            Some(Duration::from_secs(2)),
+            "as the proxy reads it"
+        );
         assert_eq!(parse_duration("s"), None);
     }
 }

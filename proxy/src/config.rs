@@ -430,45 +430,7 @@ pub fn log_filter(v: &str) -> String {
         .join(",")
 }
 
-/// Parses `10s`, `500ms`, `2m` or a bare number of seconds; fractions too (`1.5s`), exactly to
-/// the nanosecond (digits beyond that are dropped). `None` for anything else, and for a value
-/// too large for a `Duration`.
-pub fn parse_duration(v: &str) -> Option<Duration> {
-    const NANOS_PER_SEC: u128 = 1_000_000_000;
-    let v = v.trim();
-    // (`find` gives a char boundary, so the split cannot panic.)
-    let (num, unit) = v.split_at(
-        v.find(|c: char| !c.is_ascii_digit() && c != '.')
-            .unwrap_or(v.len()),
-    );
-    let unit_nanos: u128 = match unit {
-        "" | "s" => NANOS_PER_SEC,
-        "ms" => NANOS_PER_SEC / 1000,
-        "m" => 60 * NANOS_PER_SEC,
-        _ => return None,
-    };
-    let (whole, fraction) = num.split_once('.').unwrap_or((num, ""));
-    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    if (whole.is_empty() && fraction.is_empty()) || !digits(whole) || !digits(fraction) {
-        return None;
-    }
-    // Integer arithmetic, not `f64`: `9536927129ms` is exactly that many milliseconds, and no
-    // value is large enough to make the conversion panic.
-    let whole: u128 = match whole {
-        "" => 0,
-        w => w.parse().ok()?,
-    };
-    let mut nanos = whole.checked_mul(unit_nanos)?;
-    let mut place = unit_nanos;
-    for d in fraction.bytes() {
-        place /= 10;
-        nanos += u128::from(d - b'0') * place;
-    }
-    let secs = u64::try_from(nanos / NANOS_PER_SEC).ok()?;
-    // The remainder is below 10^9, so it fits.
-    let subsec = u32::try_from(nanos % NANOS_PER_SEC).ok()?;
-    Some(Duration::new(secs, subsec))
-}
+pub use tracecar_values::parse_duration;
 
 fn duration(var: &'static str, flag: &'static str, v: &str) -> Result<Duration, ConfigError> {
     parse_duration(v).ok_or_else(|| err(var, flag, v, "a duration such as 10s, 500ms or 2m"))

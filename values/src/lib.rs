@@ -1,0 +1,83 @@
+//! The value syntax the proxy and the injector share, so that a value one accepts (in a flag,
+//! a variable or an annotation the injector passes on) is one the other accepts.
+
+use std::time::Duration;
+
+/// Parses `10s`, `500ms`, `2m` or a bare number of seconds; fractions too (`1.5s`), exactly to
+/// the nanosecond (digits beyond that are dropped). `None` for anything else, and for a value
+/// too large for a `Duration`.
+pub fn parse_duration(v: &str) -> Option<Duration> {
+    const NANOS_PER_SEC: u128 = 1_000_000_000;
+    let v = v.trim();
+    // (`find` gives a char boundary, so the split cannot panic.)
+    let (num, unit) = v.split_at(
+        v.find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(v.len()),
+    );
+    let unit_nanos: u128 = match unit {
+        "" | "s" => NANOS_PER_SEC,
+        "ms" => NANOS_PER_SEC / 1000,
+        "m" => 60 * NANOS_PER_SEC,
+        _ => return None,
+    };
+    let (whole, fraction) = num.split_once('.').unwrap_or((num, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && fraction.is_empty()) || !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    // Integer arithmetic, not `f64`: `9536927129ms` is exactly that many milliseconds, and no
+    // value is large enough to make the conversion panic.
+    let whole: u128 = match whole {
+        "" => 0,
+        w => w.parse().ok()?,
+    };
+    let mut nanos = whole.checked_mul(unit_nanos)?;
+    let mut place = unit_nanos;
+    for d in fraction.bytes() {
+        place /= 10;
+        nanos += u128::from(d - b'0') * place;
+    }
+    let secs = u64::try_from(nanos / NANOS_PER_SEC).ok()?;
+    // The remainder is below 10^9, so it fits.
+    let subsec = u32::try_from(nanos % NANOS_PER_SEC).ok()?;
+    Some(Duration::new(secs, subsec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn units_fractions_and_bare_seconds() {
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("3"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_duration(" 2m "), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_duration(".5s"), Some(Duration::from_millis(500)));
+        for bad in [
+            "", "x", "-1s", "s", ".", "1.2.3s", "1h", "1 s", "1é", "０.5",
+        ] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+        assert_eq!(parse_duration("18446744073709551616s"), None);
+        assert_eq!(
+            parse_duration("307445734561825860m"),
+            Some(Duration::from_secs(307445734561825860 * 60))
+        );
+        assert_eq!(parse_duration("307445734561825861m"), None);
+    }
+
+    proptest! {
+        /// Arbitrary text never panics; whole milliseconds read back exactly in every unit.
+        #[test]
+        fn fuzz_parse_duration(s in "\\PC{0,24}", ms in 0u64..10_000_000_000) {
+            let _ = parse_duration(&s);
+            prop_assert_eq!(parse_duration(&format!("{ms}ms")), Some(Duration::from_millis(ms)));
+            prop_assert_eq!(
+                parse_duration(&format!("{}.{:03}s", ms / 1000, ms % 1000)),
+                Some(Duration::from_millis(ms))
+            );
+        }
+    }
+}
