@@ -15,6 +15,10 @@ use crate::http::{serve, Conn, Shared};
 use crate::metrics::Direction;
 use crate::orig_dst::original_dst;
 
+/// Connections shed at most per back-off while out of file descriptors (a backlog is 4096
+/// at most by default).
+const SHED_BATCH: usize = 1024;
+
 /// Per-listener settings.
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
@@ -107,11 +111,19 @@ pub async fn run(
                     }
                     let out_of_files = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
                     if out_of_files && spare.take().is_some() {
-                        let waiting =
-                            tokio::time::timeout(Duration::from_millis(1), listener.accept());
-                        if let Ok(Ok((stream, _))) = waiting.await {
-                            metrics.direction(direction).shed.inc();
-                            drop(stream);
+                        // Everything waiting in the backlog now (bounded), not one connection
+                        // per back-off: a client behind a queue of others must not wait for
+                        // them all to be shed one by one.
+                        for _ in 0..SHED_BATCH {
+                            let waiting =
+                                tokio::time::timeout(Duration::from_millis(1), listener.accept());
+                            match waiting.await {
+                                Ok(Ok((stream, _))) => {
+                                    metrics.direction(direction).shed.inc();
+                                    drop(stream);
+                                }
+                                _ => break,
+                            }
                         }
                         spare = std::fs::File::open("/dev/null").ok();
                     }
