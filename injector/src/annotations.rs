@@ -108,8 +108,7 @@ pub mod accepted {
     pub const INJECT: &str = "enabled, disabled";
     pub const SERVICE_NAME: &str = "a non-empty name";
     pub const SAMPLING_RATIO: &str = "a number from 0 to 1";
-    pub const PROPAGATORS: &str =
-        "a comma-separated list of tracecontext, baggage, b3, b3multi, jaeger";
+    pub const PROPAGATORS: &str = tracecar_values::PROPAGATORS;
     pub const PORTS: &str = "a comma-separated list of ports or ranges a-b (1-65535)";
     pub const CIDRS: &str = "a comma-separated list of IPv4/IPv6 CIDRs (e.g. 10.0.0.0/8, fd00::/8)";
     pub const CAPTURE: &str = "iptables, http-proxy";
@@ -151,16 +150,15 @@ pub fn parse_sampling_ratio(s: &str) -> Result<String, &'static str> {
 
 /// Parses a propagator list into its canonical comma-joined form (trimmed, de-duplicated).
 pub fn parse_propagators(s: &str) -> Result<String, &'static str> {
+    // The names are the proxy's (tracecar-values); stricter here: no empty entry, no `none`
+    // (an annotation that turns propagation off is more likely a mistake than a wish).
     let mut out: Vec<&str> = Vec::new();
-    for p in s.split(',') {
-        let p = p.trim();
-        match p {
-            "tracecontext" | "baggage" | "b3" | "b3multi" | "jaeger" => {
-                if !out.contains(&p) {
-                    out.push(p)
-                }
-            }
-            _ => return Err(accepted::PROPAGATORS),
+    for p in s.split(',').map(str::trim) {
+        let name = tracecar_values::Propagator::from_name(p)
+            .ok_or(accepted::PROPAGATORS)?
+            .name();
+        if !out.contains(&name) {
+            out.push(name);
         }
     }
     Ok(out.join(","))

@@ -236,14 +236,7 @@ pub enum OtlpProtocol {
     HttpProtobuf,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Propagator {
-    TraceContext,
-    Baggage,
-    B3,
-    B3Multi,
-    Jaeger,
-}
+pub use tracecar_values::Propagator;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Sampler {
@@ -788,32 +781,15 @@ impl RunArgs {
                 ))
             }
         };
-        let mut propagators = Vec::new();
-        for p in self
-            .propagators
-            .split(',')
-            .map(str::trim)
-            .filter(|p| !p.is_empty())
-        {
-            let p = match p {
-                "tracecontext" => Propagator::TraceContext,
-                "baggage" => Propagator::Baggage,
-                "b3" => Propagator::B3,
-                "b3multi" => Propagator::B3Multi,
-                "jaeger" => Propagator::Jaeger,
-                // "none" disables propagation, as the OTel spec says.
-                "none" => continue,
-                _ => return Err(err(
+        let propagators =
+            tracecar_values::parse_propagators(&self.propagators).ok_or_else(|| {
+                err(
                     "OTEL_PROPAGATORS",
                     "propagators",
                     &self.propagators,
                     "a comma-separated list of tracecontext, baggage, b3, b3multi, jaeger, none",
-                )),
-            };
-            if !propagators.contains(&p) {
-                propagators.push(p);
-            }
-        }
+                )
+            })?;
         let batch = BatchConfig {
             max_queue_size: count(
                 "OTEL_BSP_MAX_QUEUE_SIZE",

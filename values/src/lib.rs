@@ -1,4 +1,4 @@
-//! The value syntax the proxy and the injector share, so that a value one accepts (in a flag,
+//! The value syntax and names the proxy and the injector share, so that a value one accepts (in a flag,
 //! a variable or an annotation the injector passes on) is one the other accepts.
 
 use std::time::Duration;
@@ -43,6 +43,62 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
     Some(Duration::new(secs, subsec))
 }
 
+/// A trace-context format (`OTEL_PROPAGATORS`, `tracecar.dev/propagators`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Propagator {
+    TraceContext,
+    Baggage,
+    B3,
+    B3Multi,
+    Jaeger,
+}
+
+impl Propagator {
+    pub const ALL: [Propagator; 5] = [
+        Propagator::TraceContext,
+        Propagator::Baggage,
+        Propagator::B3,
+        Propagator::B3Multi,
+        Propagator::Jaeger,
+    ];
+
+    /// The name the OTel spec gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Propagator::TraceContext => "tracecontext",
+            Propagator::Baggage => "baggage",
+            Propagator::B3 => "b3",
+            Propagator::B3Multi => "b3multi",
+            Propagator::Jaeger => "jaeger",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Propagator> {
+        Propagator::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+/// What a propagator list may hold, for error messages.
+pub const PROPAGATORS: &str =
+    "a comma-separated list of tracecontext, baggage, b3, b3multi, jaeger";
+
+/// Parses a comma-separated propagator list as the OTel spec reads `OTEL_PROPAGATORS`: names
+/// trimmed, repeats kept once in first-seen order, empty entries and `none` (no propagation)
+/// skipped. `None` for an unknown name.
+pub fn parse_propagators(s: &str) -> Option<Vec<Propagator>> {
+    let mut out = Vec::new();
+    for name in s.split(',').map(str::trim) {
+        if name.is_empty() || name == "none" {
+            continue;
+        }
+        let p = Propagator::from_name(name)?;
+        if !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -66,6 +122,22 @@ mod tests {
             Some(Duration::from_secs(307445734561825860 * 60))
         );
         assert_eq!(parse_duration("307445734561825861m"), None);
+    }
+
+    #[test]
+    fn propagator_lists_read_as_the_otel_spec_says() {
+        use Propagator::*;
+        assert_eq!(
+            parse_propagators(" b3, tracecontext,b3 ,, none"),
+            Some(vec![B3, TraceContext])
+        );
+        assert_eq!(parse_propagators("none"), Some(vec![]));
+        assert_eq!(parse_propagators("xray"), None);
+        assert_eq!(parse_propagators("B3"), None, "names are lower case");
+        for p in Propagator::ALL {
+            assert_eq!(Propagator::from_name(p.name()), Some(p));
+            assert!(PROPAGATORS.contains(p.name()));
+        }
     }
 
     proptest! {
