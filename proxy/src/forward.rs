@@ -1,6 +1,7 @@
 //! Sending a request on to its upstream: pooled clients, hop-by-hop header hygiene, protocol
 //! upgrades (WebSocket) and CONNECT tunnels.
 
+use crate::errors::error_chain;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -367,18 +368,6 @@ fn classify(target: &str, e: &hyper_util::client::legacy::Error) -> ForwardError
         source = inner.source();
     }
     connect_failure(target, kind, error_chain(e))
-}
-
-/// An error and its sources, `outer: inner: ...`, for span statuses and log lines.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 /// An upgrade the peer may take (WebSocket and the like). `h2c` is not passed on: the proxy

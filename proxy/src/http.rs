@@ -126,7 +126,7 @@ async fn serve_hyper(conn: Arc<Conn>, stream: Rewind, watcher: Watcher) {
             metrics
                 .direction(direction)
                 .timeout(crate::metrics::Timeout::RequestHead);
-        } else if crate::forward::error_chain(&*e).contains("idle for too long") {
+        } else if crate::errors::error_chain(&*e).contains("idle for too long") {
             metrics
                 .direction(direction)
                 .timeout(crate::metrics::Timeout::Idle);
@@ -530,7 +530,7 @@ impl Conn {
         };
         let upstream_err = |e: &dyn std::error::Error| ForwardError::Upstream {
             target: target.to_string(),
-            message: crate::forward::error_chain(e),
+            message: crate::errors::error_chain(e),
         };
         let (mut sender, connection) = match hyper::client::conn::http1::handshake::<
             _,

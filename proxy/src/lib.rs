@@ -14,6 +14,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod detect;
+pub mod errors;
 pub mod forward;
 pub mod h1;
 pub mod http;

@@ -411,7 +411,7 @@ async fn post(
     let transport = |message: String| classify_http(HttpAnswer::Transport, message);
     let response = match tokio::time::timeout(timeout, client.request(request)).await {
         Ok(Ok(r)) => r,
-        Ok(Err(e)) => return Err(transport(crate::forward::error_chain(&e))),
+        Ok(Err(e)) => return Err(transport(crate::errors::error_chain(&e))),
         Err(_) => return Err(transport("export request timed out".into())),
     };
     let (parts, body) = response.into_parts();
@@ -457,7 +457,7 @@ fn classify_grpc(status: &tonic::Status) -> ExportFailure {
             "gRPC {:?}: {} ({})",
             status.code(),
             status.message(),
-            crate::forward::error_chain(src)
+            crate::errors::error_chain(src)
         ),
         None => format!("gRPC {:?}: {}", status.code(), status.message()),
     };
