@@ -262,14 +262,7 @@ pub struct OtlpConfig {
     pub required: bool,
 }
 
-/// TLS material for the export connection (files, re-read when they change).
-#[derive(Debug, Clone, Default)]
-pub struct ExportTls {
-    pub ca_file: Option<String>,
-    pub client_cert_file: Option<String>,
-    pub client_key_file: Option<String>,
-    pub server_name: Option<String>,
-}
+pub use crate::trace::tls::ExportTls;
 
 /// Batch export settings (`OTEL_BSP_*`).
 #[derive(Debug, Clone, Copy)]

@@ -12,8 +12,6 @@ use std::time::Duration;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
-use crate::config::ExportTls;
-
 /// A problem with the export TLS material.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -79,6 +77,15 @@ impl TlsError {
             ),
         }
     }
+}
+
+/// TLS material for the export connection (files, re-read when they change).
+#[derive(Debug, Clone, Default)]
+pub struct ExportTls {
+    pub ca_file: Option<String>,
+    pub client_cert_file: Option<String>,
+    pub client_key_file: Option<String>,
+    pub server_name: Option<String>,
 }
 
 const CA: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
