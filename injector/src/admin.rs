@@ -14,7 +14,7 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::server::State;
+use crate::state::State;
 
 fn respond(
     status: StatusCode,

@@ -7,7 +7,8 @@
 //! - [`decide`]: the pure decision `(pod, defaults) -> (patch, warnings, reason)`.
 //! - [`patch`]: the JSON Patch that injection adds, and its inverse.
 //! - [`server`]: the HTTPS shell around [`decide`]; [`tls`]: reloading certificates;
-//!   [`admin`]: `/live`, `/ready`, `/metrics`; [`metrics`]: the counters.
+//!   [`admin`]: `/live`, `/ready`, `/metrics`; [`metrics`]: the counters; [`state`]: what
+//!   the server and the admin endpoints share (below both).
 //! - [`manual`]: `tracecar-injector inject` over YAML/JSON manifests.
 
 pub mod admin;
@@ -18,6 +19,7 @@ pub mod manual;
 pub mod metrics;
 pub mod patch;
 pub mod server;
+pub mod state;
 pub mod tls;
 pub mod workload;
 

@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,47 +42,7 @@ pub const MAX_BODY: usize = 4 * 1024 * 1024;
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The correlation policies a path may name (`/inject/correlation/<policy>`).
-const POLICIES: [&str; 3] = ["causal", "inflight", "off"];
-
-/// What the request handlers share.
-pub struct State {
-    /// Defaults for `/inject` (inject unless opted out).
-    pub defaults: Defaults,
-    /// Defaults for `/inject/opt-in` (inject only when opted in).
-    pub opt_in: Defaults,
-    /// The same two with the correlation policy of the pod's namespace, for
-    /// `/inject/correlation/<policy>` and `/inject/opt-in/correlation/<policy>`: the chart
-    /// routes pods of a namespace labelled `tracecar.dev/correlation=<policy>` there (an
-    /// AdmissionReview does not carry the namespace's labels). A pod's own annotation still
-    /// wins.
-    by_policy: Vec<(String, Defaults)>,
-    pub metrics: Arc<Metrics>,
-    /// True while the webhook serves; false before start and while draining.
-    pub ready: AtomicBool,
-}
-
-impl State {
-    pub fn new(defaults: Defaults, metrics: Arc<Metrics>) -> Self {
-        let mut opt_in = defaults.clone();
-        opt_in.inject_by_default = false;
-        let mut by_policy = Vec::new();
-        for (base, d) in [("/inject", &defaults), ("/inject/opt-in", &opt_in)] {
-            for policy in POLICIES {
-                let mut d = d.clone();
-                d.correlation = policy;
-                by_policy.push((format!("{base}/correlation/{policy}"), d));
-            }
-        }
-        State {
-            defaults,
-            opt_in,
-            by_policy,
-            metrics,
-            ready: AtomicBool::new(false),
-        }
-    }
-}
+pub use crate::state::State;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -273,17 +233,7 @@ where
     B: Body<Data = Bytes>,
     B::Error: std::error::Error + Send + Sync + 'static,
 {
-    let path = req.uri().path();
-    let defaults = match path {
-        "/inject" => Some(&state.defaults),
-        "/inject/opt-in" => Some(&state.opt_in),
-        _ => state
-            .by_policy
-            .iter()
-            .find(|(p, _)| p == path)
-            .map(|(_, d)| d),
-    };
-    let defaults = match defaults {
+    let defaults = match state.defaults_for(req.uri().path()) {
         Some(d) => d,
         None => {
             state.metrics.bad_request("not-found");
