@@ -159,6 +159,11 @@ impl tower::Service<Uri> for GuardedConnector {
     }
 }
 
+/// Idle pooled app connections older than this are closed rather than reused (both paths).
+pub const POOL_IDLE: Duration = Duration::from_secs(90);
+/// Idle app connections kept per destination (both paths).
+pub const POOL_MAX_PER_TARGET: usize = 256;
+
 /// Pooled keep-alive clients, one per HTTP version the request arrived with.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -187,8 +192,8 @@ impl Upstream {
             stream_idle: limits.stream_idle_timeout + Duration::from_secs(1),
         };
         let http1 = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
+            .pool_idle_timeout(POOL_IDLE)
+            .pool_max_idle_per_host(POOL_MAX_PER_TARGET)
             .build(connector.clone());
         let http2 = Client::builder(TokioExecutor::new())
             .http2_only(true)

@@ -22,7 +22,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::forward::ForwardError;
+// The app connection pool's limits are the hyper path's: both paths pool alike.
+use crate::forward::{ForwardError, POOL_IDLE, POOL_MAX_PER_TARGET};
 use crate::http::Conn;
 use crate::metrics::{Direction, Timeout};
 use crate::rules::{self, Refusal};
@@ -43,10 +44,6 @@ const READ_CHUNK: usize = 16 * 1024;
 const FIRST_BUF: usize = 4 * 1024;
 /// How long a closing connection reads and discards what the client still sends.
 const LINGER: Duration = Duration::from_secs(2);
-/// Idle pooled app connections older than this are closed rather than reused.
-const POOL_IDLE: Duration = Duration::from_secs(90);
-/// Idle app connections kept per destination.
-const POOL_MAX_PER_TARGET: usize = 256;
 
 /// How [`serve`] left the connection.
 pub enum Outcome {
@@ -100,7 +97,7 @@ enum Framing {
     Close,
 }
 
-impl Upstream {
+impl AppConn {
     /// Back to the pool, unless it holds bytes of a response nobody read (then it is closed).
     fn release(self, pool: &IdlePool) {
         if self.buf.is_empty() {
@@ -110,7 +107,7 @@ impl Upstream {
 }
 
 /// The app connection a client connection is using.
-struct Upstream {
+struct AppConn {
     target: Arc<str>,
     stream: TcpStream,
     /// This end's port: the causal table names inbound connections by it.
@@ -141,7 +138,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> Outcome {
     let mut inbuf = BytesMut::with_capacity(FIRST_BUF);
-    let mut up: Option<Upstream> = None;
+    let mut up: Option<AppConn> = None;
     let pool = &conn.shared.upstream.idle;
     let limits = &conn.shared.limits;
     let metrics = conn
@@ -166,7 +163,7 @@ pub async fn serve(
         let mut deadline = None;
         let prepared = loop {
             if !inbuf.is_empty() {
-                match prepare(conn, &inbuf, &mut out, &mut injected) {
+                match rewrite_head(conn, &inbuf, &mut out, &mut injected) {
                     Prepared::Partial if inbuf.len() <= MAX_HEAD => {}
                     Prepared::Partial => break Prepared::Fallback,
                     p => break p,
@@ -352,7 +349,7 @@ impl Extractor for RawHeaders<'_> {
 
 /// Parses the head at the start of `buf`; when it is one for this path, starts its span and
 /// writes the head for the app into `out` (propagation headers via `injected`).
-fn prepare(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) -> Prepared {
+fn rewrite_head(conn: &Conn, buf: &[u8], out: &mut Vec<u8>, injected: &mut Injected) -> Prepared {
     let shared = &conn.shared;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
@@ -604,7 +601,7 @@ async fn exchange(
     conn: &Conn,
     client: &mut TcpStream,
     inbuf: &mut BytesMut,
-    up: &mut Option<Upstream>,
+    up: &mut Option<AppConn>,
     head: RequestHead,
     out: &mut Vec<u8>,
     timer: &mut Deadline<'_>,
@@ -889,12 +886,12 @@ async fn timed<T>(
 async fn upload(
     client: &mut TcpStream,
     inbuf: &mut BytesMut,
-    u: &mut Upstream,
+    u: &mut AppConn,
     body: &mut BodyState,
     idle: Duration,
     timer: &mut Deadline<'_>,
 ) -> Result<bool, Failure> {
-    let Upstream { stream, buf, .. } = u;
+    let AppConn { stream, buf, .. } = u;
     let (mut from_app, mut to_app) = stream.split();
     // Bytes at the front of `inbuf` that belong to the body and are not sent yet.
     let mut pending = 0;
@@ -1014,12 +1011,12 @@ async fn connect(
     pool: &IdlePool,
     target: &Arc<str>,
     fresh: bool,
-) -> Result<Upstream, ForwardError> {
+) -> Result<AppConn, ForwardError> {
     while let Some(stream) = (!fresh).then(|| pool.take(target)).flatten() {
         if looks_closed(&stream) {
             continue;
         }
-        return Ok(Upstream {
+        return Ok(AppConn {
             target: target.clone(),
             local_port: local_port(conn, &stream),
             stream,
@@ -1031,7 +1028,7 @@ async fn connect(
     if conn.shared.own.check(&stream) {
         return Err(ForwardError::Loop(target.to_string()));
     }
-    Ok(Upstream {
+    Ok(AppConn {
         target: target.clone(),
         local_port: local_port(conn, &stream),
         stream,
@@ -1106,7 +1103,7 @@ fn invalid(message: &'static str) -> io::Error {
 /// Reads the app's response head into `u.buf`; informational (1xx) responses are passed to the
 /// client as they come. `head_request`: the response has no body whatever it says.
 async fn read_response_head(
-    u: &mut Upstream,
+    u: &mut AppConn,
     client: &mut TcpStream,
     head_request: bool,
     close: bool,
@@ -1767,7 +1764,7 @@ pub(crate) mod tests {
             b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
         ];
 
-        /// A listener's shared state for calling `prepare` directly (no export).
+        /// A listener's shared state for calling `rewrite_head` directly (no export).
         fn conn(direction: Direction, target: Option<&str>) -> Conn {
             let cfg = crate::Config::for_test(&["--traces-exporter=none"]);
             let metrics = Arc::new(crate::metrics::Metrics::new());
@@ -1846,7 +1843,7 @@ pub(crate) mod tests {
             Ok(())
         }
 
-        /// `prepare` never panics on any head, and what it forwards is well formed, on both
+        /// `rewrite_head` never panics on any head, and what it forwards is well formed, on both
         /// listeners.
         #[test]
         fn fuzz_request_heads_are_refused_or_rewritten_well_formed() {
@@ -1871,7 +1868,9 @@ pub(crate) mod tests {
                     for c in &conns {
                         let mut out = Vec::new();
                         let mut injected = Injected::default();
-                        if let Prepared::Forward(_) = prepare(c, &input, &mut out, &mut injected) {
+                        if let Prepared::Forward(_) =
+                            rewrite_head(c, &input, &mut out, &mut injected)
+                        {
                             check_forwarded(&out)?;
                         }
                     }
