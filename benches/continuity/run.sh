@@ -81,17 +81,37 @@ require('http').createServer((q, r) => { r.writeHead(200, {'content-length': 2})
 EOF
 
 # req/s of one wrk run against an app started with the given environment.
-measure() { # runtime port with (0: nothing; 1: the library; 2: the library and the Node.js hook)
-    local runtime=$1 port=$2 with=$3 pid app
+# Each request run in an AsyncLocalStorage and nothing else: what Node.js itself charges for
+# the context the runtime hook keeps.
+cat >"$work/als.js" <<'EOF'
+const { AsyncLocalStorage } = require('async_hooks');
+const http = require('http');
+const store = new AsyncLocalStorage();
+const emit = http.Server.prototype.emit;
+http.Server.prototype.emit = function (event, req) {
+  if (event === 'request') return store.run(req.socket.remotePort, () => emit.apply(this, arguments));
+  return emit.apply(this, arguments);
+};
+EOF
+
+# The app on CPU 0 and wrk on CPU 1 when there are two (less noise from sharing a core).
+pin_app=() pin_load=()
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+    pin_app=(taskset -c 0) pin_load=(taskset -c 1)
+fi
+
+# measure RUNTIME PORT WITH: req/s and the app's CPU µs per request, with
+#   0: nothing; 1: the library; 2: the library and the Node.js hook;
+#   3: AsyncLocalStorage only (no library, no hook).
+measure() {
+    local runtime=$1 port=$2 with=$3 pid app vars=()
     case $runtime in python3) app=$work/hello.py ;; *) app=$work/hello.js ;; esac
-    if [ "$with" = 2 ]; then
-        LD_PRELOAD=$lib TRACECAR_CAUSAL_TABLE=$table NODE_OPTIONS="--require=$hook" \
-            "$runtime" "$app" "$port" 2>/dev/null &
-    elif [ "$with" = 1 ]; then
-        LD_PRELOAD=$lib TRACECAR_CAUSAL_TABLE=$table "$runtime" "$app" "$port" 2>/dev/null &
-    else
-        env -u LD_PRELOAD "$runtime" "$app" "$port" 2>/dev/null &
-    fi
+    case $with in
+    1) vars=(LD_PRELOAD="$lib" TRACECAR_CAUSAL_TABLE="$table") ;;
+    2) vars=(LD_PRELOAD="$lib" TRACECAR_CAUSAL_TABLE="$table" NODE_OPTIONS="--require=$hook") ;;
+    3) vars=(NODE_OPTIONS="--require=$work/als.js") ;;
+    esac
+    "${pin_app[@]}" env -u LD_PRELOAD -u NODE_OPTIONS "${vars[@]}" "$runtime" "$app" "$port" 2>/dev/null &
     pid=$!
     pids+=("$pid")
     for _ in $(seq 50); do
@@ -101,7 +121,7 @@ measure() { # runtime port with (0: nothing; 1: the library; 2: the library and 
     # The app's CPU per request as well (less at the mercy of a noisy machine than req/s).
     local t0 t1 out
     t0=$(awk '{print $14 + $15}' "/proc/$pid/stat")
-    out=$(wrk -t1 -c8 -d"${secs}s" "http://127.0.0.1:$port/" 2>/dev/null)
+    out=$("${pin_load[@]}" wrk -t1 -c8 -d"${secs}s" "http://127.0.0.1:$port/" 2>/dev/null)
     t1=$(awk '{print $14 + $15}' "/proc/$pid/stat")
     awk -v a="$t0" -v b="$t1" -v hz="$(getconf CLK_TCK)" '
         /requests in/ {n = $1}
@@ -119,7 +139,7 @@ echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
 port=19280
 hook=$PWD/preload/node/tracecar.js
-for variant in "python3 1" "node 1" "node 2"; do
+for variant in "python3 1" "node 1" "node 2" "node 3"; do
     read -r runtime level <<<"$variant"
     without=() with=()
     for _ in $(seq "$rounds"); do
@@ -132,7 +152,10 @@ for variant in "python3 1" "node 1" "node 2"; do
     cb=$(printf '%s\n' "${with[@]}" | awk '{print $2}' | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
     ratio=$(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.3f", (a > 0) ? b / a : 0 }')
     cratio=$(awk -v a="$ca" -v b="$cb" 'BEGIN { printf "%.3f", (a > 0) ? b / a : 0 }')
-    what="the library"
-    [ "$level" = 2 ] && what="the library and the runtime hook"
+    case $level in
+    1) what="the library" ;;
+    2) what="the library and the runtime hook" ;;
+    *) what="AsyncLocalStorage only (no library)" ;;
+    esac
     echo "| $runtime, $what | $a | $b | $ratio | $ca | $cb | $cratio |"
 done

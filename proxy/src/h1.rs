@@ -54,7 +54,9 @@ pub enum Outcome {
 }
 
 /// An idle app connection and when it went idle.
-type IdleConn = (TcpStream, Instant);
+/// An idle app connection, when it went idle, and its local port (kept so that a connection
+/// taken again needs no `getsockname`).
+type IdleConn = (TcpStream, Instant, u16);
 
 /// Idle keep-alive connections to apps, by `host:port`, shared by one worker's client
 /// connections (each worker has its own).
@@ -64,25 +66,25 @@ pub struct IdlePool {
 }
 
 impl IdlePool {
-    fn take(&self, target: &str) -> Option<TcpStream> {
+    fn take(&self, target: &str) -> Option<(TcpStream, u16)> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(target)?;
-        while let Some((stream, since)) = list.pop() {
+        while let Some((stream, since, port)) = list.pop() {
             if since.elapsed() < POOL_IDLE {
-                return Some(stream);
+                return Some((stream, port));
             }
         }
         None
     }
 
-    fn put(&self, target: Arc<str>, stream: TcpStream) {
+    fn put(&self, target: Arc<str>, stream: TcpStream, local_port: u16) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.entry(target).or_default();
         // Oldest first (each is pushed when it goes idle): the stale ones are a prefix.
-        let stale = list.partition_point(|(_, since)| since.elapsed() >= POOL_IDLE);
+        let stale = list.partition_point(|(_, since, _)| since.elapsed() >= POOL_IDLE);
         list.drain(..stale);
         if list.len() < POOL_MAX_PER_TARGET {
-            list.push((stream, Instant::now()));
+            list.push((stream, Instant::now(), local_port));
         }
     }
 }
@@ -101,7 +103,7 @@ impl AppConn {
     /// Back to the pool, unless it holds bytes of a response nobody read (then it is closed).
     fn release(self, pool: &IdlePool) {
         if self.buf.is_empty() {
-            pool.put(self.target, self.stream);
+            pool.put(self.target, self.stream, self.local_port);
         }
     }
 }
@@ -1012,39 +1014,33 @@ async fn connect(
     target: &Arc<str>,
     fresh: bool,
 ) -> Result<AppConn, ForwardError> {
-    while let Some(stream) = (!fresh).then(|| pool.take(target)).flatten() {
+    while let Some((stream, local_port)) = (!fresh).then(|| pool.take(target)).flatten() {
         if looks_closed(&stream) {
             continue;
         }
         return Ok(AppConn {
             target: target.clone(),
-            local_port: local_port(conn, &stream),
+            local_port,
             stream,
             buf: BytesMut::with_capacity(FIRST_BUF),
             reused: true,
         });
     }
     let stream = crate::forward::connect_tcp(target, conn.shared.limits.connect_timeout).await?;
-    if conn.shared.own.check(&stream) {
+    let (looped, local) = conn.shared.own.check_local(&stream);
+    if looped {
         return Err(ForwardError::Loop(target.to_string()));
     }
+    // The causal table names inbound connections by this end's port: kept only while it is
+    // open (read once per connection; the pool keeps it).
+    let causal = conn.shared.direction == Direction::Inbound && conn.shared.telemetry.causal();
     Ok(AppConn {
         target: target.clone(),
-        local_port: local_port(conn, &stream),
+        local_port: local.filter(|_| causal).map_or(0, |a| a.port()),
         stream,
         buf: BytesMut::with_capacity(FIRST_BUF),
         reused: false,
     })
-}
-
-/// This end's port of an app connection, which the causal table names inbound connections by;
-/// a system call, so only made while the table is open (0 otherwise).
-fn local_port(conn: &Conn, stream: &TcpStream) -> u16 {
-    if conn.shared.direction == Direction::Inbound && conn.shared.telemetry.causal() {
-        stream.local_addr().map_or(0, |a| a.port())
-    } else {
-        0
-    }
 }
 
 /// True when an idle app connection has been closed by the app (or has unexpected bytes).

@@ -179,9 +179,18 @@ impl OwnPorts {
 
     /// [`Self::is_self`] for a connected stream.
     pub fn check(&self, stream: &tokio::net::TcpStream) -> bool {
+        self.check_local(stream).0
+    }
+
+    /// [`Self::check`], and this end's address, which it reads anyway (for callers that need
+    /// it too: one `getsockname`, not two).
+    pub fn check_local(
+        &self,
+        stream: &tokio::net::TcpStream,
+    ) -> (bool, Option<std::net::SocketAddr>) {
         match (stream.local_addr(), stream.peer_addr()) {
-            (Ok(local), Ok(peer)) => self.is_self(local, peer),
-            _ => false,
+            (Ok(local), Ok(peer)) => (self.is_self(local, peer), Some(local)),
+            (local, _) => (false, local.ok()),
         }
     }
 }

@@ -3,9 +3,14 @@
 
 use std::time::Duration;
 
+/// The longest duration a setting may name: 100 years. Timeouts are added to the current
+/// instant, and a value near `Duration::MAX` would overflow that (a panic) where no limit was
+/// meant; 100 years is "never" for any process.
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Parses `10s`, `500ms`, `2m` or a bare number of seconds; fractions too (`1.5s`), exactly to
 /// the nanosecond (digits beyond that are dropped). `None` for anything else, and for a value
-/// too large for a `Duration`.
+/// over [`MAX_DURATION`].
 pub fn parse_duration(v: &str) -> Option<Duration> {
     const NANOS_PER_SEC: u128 = 1_000_000_000;
     let v = v.trim();
@@ -40,7 +45,7 @@ pub fn parse_duration(v: &str) -> Option<Duration> {
     let secs = u64::try_from(nanos / NANOS_PER_SEC).ok()?;
     // The remainder is below 10^9, so it fits.
     let subsec = u32::try_from(nanos % NANOS_PER_SEC).ok()?;
-    Some(Duration::new(secs, subsec))
+    Some(Duration::new(secs, subsec)).filter(|d| *d <= MAX_DURATION)
 }
 
 /// A trace-context format (`OTEL_PROPAGATORS`, `tracecar.dev/propagators`).
@@ -119,9 +124,16 @@ mod tests {
         assert_eq!(parse_duration("18446744073709551616s"), None);
         assert_eq!(
             parse_duration("307445734561825860m"),
-            Some(Duration::from_secs(307445734561825860 * 60))
+            None,
+            "over 100 years"
         );
-        assert_eq!(parse_duration("307445734561825861m"), None);
+        let max = MAX_DURATION.as_secs();
+        assert_eq!(parse_duration(&format!("{max}s")), Some(MAX_DURATION));
+        assert_eq!(parse_duration(&format!("{max}.000000001s")), None);
+        assert_eq!(
+            parse_duration(&format!("{}m", max / 60)),
+            Some(MAX_DURATION)
+        );
     }
 
     #[test]

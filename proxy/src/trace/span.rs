@@ -470,7 +470,6 @@ impl RequestSpan {
         &self.context
     }
 
-    /// Records the response status; 5xx (and 4xx on CLIENT spans) mark the span as an error.
     /// Records the proxy's local port of the app connection this inbound request went out on,
     /// where the preload library's table names causes (see `correlate`).
     pub fn set_app_port(&self, port: u16) {
@@ -479,6 +478,7 @@ impl RequestSpan {
         }
     }
 
+    /// Records the response status; 5xx (and 4xx on CLIENT spans) mark the span as an error.
     pub fn set_status(&mut self, status: http::StatusCode) {
         let code = status.as_u16();
         self.status = Some(code);
