@@ -225,23 +225,25 @@ impl Upstream {
             _ => &self.http1,
         };
         // The response head timeout runs once the request body has gone out (as on the lean
-        // path and in nginx): a slow upload is not a slow app.
-        let (sent_tx, sent) = tokio::sync::oneshot::channel();
+        // path and in nginx): a slow upload is not a slow app. Only a body that is still to
+        // come needs telling when it has gone (an empty one goes out with the head), and only
+        // when there is a timeout to start: no channel otherwise.
+        let mut sent = None;
         let req = req.map(|body| {
-            // An empty body may never be polled: it has gone out with the head.
-            let sent = if body.is_end_stream() {
-                let _ = sent_tx.send(());
-                None
-            } else {
-                Some(sent_tx)
-            };
-            SentBody { body, sent }
+            let tell = (self.response_head_timeout.is_some() && !body.is_end_stream()).then(|| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                sent = Some(rx);
+                tx
+            });
+            SentBody { body, sent: tell }
         });
         let responded = client.request(req);
         let responded = match self.response_head_timeout {
             Some(limit) => {
                 let timer = async {
-                    let _ = sent.await;
+                    if let Some(sent) = sent {
+                        let _ = sent.await;
+                    }
                     tokio::time::sleep(limit).await;
                 };
                 tokio::select! {

@@ -15,7 +15,7 @@ use opentelemetry_sdk::trace::{IdGenerator, SamplingDecision, ShouldSample};
 
 use crate::metrics::Direction;
 
-use super::correlate::{Correlated, InflightGuard};
+use super::correlate::{Candidates, Correlated, InflightGuard};
 use super::encode::SpanWriter;
 use super::Telemetry;
 
@@ -197,11 +197,22 @@ pub(crate) fn split_host(h: &str) -> Option<(&str, Option<u16>)> {
 
 /// How the proxy tied a span to an inbound request (`tracecar.correlation`), and for an
 /// ambiguous one the links to the candidates.
-fn mark(w: &mut SpanWriter, correlated: &Correlated) {
-    match correlated {
-        Correlated::None => {}
-        Correlated::Parent { how, .. } => w.str("tracecar.correlation", how),
-        Correlated::Ambiguous(candidates) => {
+/// How a span's parent was found, as the span records it (the parent itself has gone into the
+/// span's context). Large on purpose, like `Correlated`: on the stack, no `Box` per span.
+#[allow(clippy::large_enum_variant)]
+enum Mark {
+    None,
+    /// `tracecar.correlation` of a span parented by correlation.
+    How(&'static str),
+    /// No parent: a root linked to the candidates.
+    Ambiguous(Candidates),
+}
+
+fn mark(w: &mut SpanWriter, found: &Mark) {
+    match found {
+        Mark::None => {}
+        Mark::How(how) => w.str("tracecar.correlation", how),
+        Mark::Ambiguous(candidates) => {
             w.str("tracecar.correlation", "ambiguous");
             for sc in candidates.newest() {
                 w.link(sc);
@@ -264,7 +275,7 @@ impl Telemetry {
             injector,
             &parent,
             Direction::Inbound,
-            &Correlated::None,
+            &Mark::None,
         );
         if let Some(c) = &self.correlator {
             rs._inflight = Some(c.inflight().enter(rs.context.clone()));
@@ -309,19 +320,19 @@ impl Telemetry {
         &self,
         carried: Context,
         app_socket: Option<tracecar_causal::Key>,
-    ) -> (Context, Correlated) {
+    ) -> (Context, Mark) {
         if carried.span().span_context().is_valid() {
-            return (carried, Correlated::None);
+            return (carried, Mark::None);
         }
         let Some(correlator) = &self.correlator else {
-            return (carried, Correlated::None);
+            return (carried, Mark::None);
         };
         match correlator.correlate(app_socket) {
-            Correlated::Parent { parent, how } => (
-                carried.with_remote_span_context(parent.clone()),
-                Correlated::Parent { parent, how },
-            ),
-            other => (carried, other),
+            Correlated::Parent { parent, how } => {
+                (carried.with_remote_span_context(parent), Mark::How(how))
+            }
+            Correlated::Ambiguous(c) => (carried, Mark::Ambiguous(c)),
+            Correlated::None => (carried, Mark::None),
         }
     }
 
@@ -382,7 +393,7 @@ impl Telemetry {
         injector: &mut dyn Injector,
         parent: &Context,
         direction: Direction,
-        correlated: &Correlated,
+        correlated: &Mark,
     ) -> RequestSpan {
         // Kubelet probes would be a trace every few seconds per container; they are still
         // proxied and counted.
@@ -850,20 +861,12 @@ mod tests {
             T.with(Arc::clone)
         }
 
-        const NAMES: &[&str] = &[
-            "traceparent",
-            "tracestate",
-            "baggage",
-            "b3",
-            "x-b3-traceid",
-            "x-b3-spanid",
-            "x-b3-sampled",
-            "x-b3-flags",
-            "uber-trace-id",
-            "uberctx-k",
-            "host",
-            "user-agent",
-        ];
+        /// Header names to fuzz with: every name the propagators write (so a new one is fuzzed
+        /// too), and some they read or leave alone.
+        fn names() -> Vec<&'static str> {
+            let others = ["x-b3-flags", "uberctx-k", "host", "user-agent"];
+            KNOWN_KEYS.iter().copied().chain(others).collect()
+        }
 
         fn value() -> impl Strategy<Value = String> {
             let ch = prop_oneof![
@@ -922,7 +925,7 @@ mod tests {
             #[test]
             fn fuzz_span_start_over_arbitrary_headers(
                 headers in prop::collection::vec(
-                    (prop::sample::select(NAMES).prop_map(String::from), value()),
+                    (prop::sample::select(names()).prop_map(String::from), value()),
                     0..8,
                 ),
                 inbound in any::<bool>(),
