@@ -12,7 +12,10 @@
 //!   [`Table::lookup`] (proxy), [`Table::publish`] and [`Table::mark_closed`] (library).
 //!
 //! Nothing here allocates after the file is mapped, blocks, or panics on what it reads from
-//! the file: the app's processes write it, so the proxy treats its contents as untrusted.
+//! the file: the app's processes write it, so the proxy treats its contents as untrusted. One
+//! thing it cannot guard against: an app process that truncates the file makes the next read of
+//! the mapping past the new end a `SIGBUS` (only the pod's own app can do that, to its own
+//! sidecar; docs/causal.md, "Trust").
 
 #[cfg(target_endian = "big")]
 compile_error!("the causal table is little-endian and is read in place");

@@ -16,8 +16,9 @@ const fs = require('fs');
 const http = require('http');
 
 const FD = 0x7ffffffe;
-// Its own ArrayBuffer (Buffer.alloc does not pool), whose memory never moves; 8-aligned.
-const cell = Buffer.alloc(8);
+// An explicit ArrayBuffer: its memory lives outside the V8 heap, so the garbage collector
+// never moves it (a small Buffer.alloc may start on the heap); 8-aligned.
+const cell = Buffer.from(new ArrayBuffer(8));
 cell.write('TRCR', 0, 'latin1');
 
 function registered() {

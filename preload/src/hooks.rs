@@ -1,5 +1,6 @@
 //! The exported symbols: each calls the real libc function with the app's arguments and
-//! returns exactly what it returned; [`track`] does its bookkeeping before (writes, close)
+//! returns exactly what it returned (the one exception: a runtime hook's registration write
+//! to [`track::RUNTIME_FD`], which the library answers itself); [`track`] does its bookkeeping before (writes, close)
 //! or after (accept, connect, reads, dup) the call.
 //!
 //! `epoll_wait`, `epoll_pwait` and `epoll_pwait2` are wrapped too: an event loop's next
@@ -22,7 +23,7 @@ use crate::track;
 
 #[no_mangle]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    let cap = buffer_len(len);
+    let cap = buffer_len(addr, len);
     let r = call_real!(
         real::ACCEPT,
         fn(c_int, *mut sockaddr, *mut socklen_t) -> c_int,
@@ -40,7 +41,7 @@ pub unsafe extern "C" fn accept4(
     len: *mut socklen_t,
     flags: c_int,
 ) -> c_int {
-    let cap = buffer_len(len);
+    let cap = buffer_len(addr, len);
     let r = call_real!(
         real::ACCEPT4,
         fn(c_int, *mut sockaddr, *mut socklen_t, c_int) -> c_int,
@@ -403,11 +404,13 @@ pub unsafe extern "C" fn epoll_pwait2(
 
 /// The size of the app's address buffer, read before the call: afterwards the kernel has put
 /// the address's full length there, which may be more than the buffer holds.
-unsafe fn buffer_len(len: *const socklen_t) -> socklen_t {
-    if len.is_null() {
+/// The size of the app's address buffer for `accept`. Without a buffer (`addr` null) the kernel
+/// ignores `len`, so the app may pass anything there: it is not read then.
+unsafe fn buffer_len(addr: *const sockaddr, len: *const socklen_t) -> socklen_t {
+    if addr.is_null() || len.is_null() {
         0
     } else {
-        // SAFETY: a non-null `len` given to accept points to a readable socklen_t.
+        // SAFETY: with a buffer, `len` given to accept points to a readable socklen_t.
         unsafe { *len }
     }
 }

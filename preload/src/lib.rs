@@ -5,7 +5,8 @@
 //! `TRACECAR_CAUSAL_TABLE` (default `/var/run/tracecar/causal`) exists and is valid (looked for
 //! at load, then again now and then at `accept`/`connect` until found, in case the proxy
 //! creates it after the app started), and it never changes what a call returns (value or
-//! `errno`). See docs/causal.md.
+//! `errno`), but for a runtime hook's registration write to an fd no process has open. See
+//! docs/causal.md.
 //!
 //! - [`real`]: the wrapped libc functions, found lazily with `dlsym(RTLD_NEXT, ..)`.
 //! - [`fds`]: what is known about each file descriptor (inbound, outbound, untracked).

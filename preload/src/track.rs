@@ -48,7 +48,7 @@ fn publishable() -> Cause {
     thread::current()
 }
 
-/// The table's path (NUL-terminated), kept at load for later attempts; empty if too long.
+/// The table's path (NUL-terminated), kept at load for later attempts; unset if too long.
 static PATH: OnceLock<[u8; PATH_MAX]> = OnceLock::new();
 const PATH_MAX: usize = 512;
 /// `accept`/`connect` calls seen while the table was missing; every `RETRY_EVERY`th looks again.
@@ -147,10 +147,19 @@ pub fn connected(fd: c_int, addr: *const sockaddr, len: socklen_t, ret: c_int) {
             }
             return;
         };
+        // Not a TCP connection we can name: whatever this fd number carried before (state left
+        // by a close the library did not see, such as `close_range`) must not be published.
+        let forget = || {
+            if let Some(f) = fds::get(fd) {
+                f.clear();
+            }
+        };
         if !sock::is_tcp(fd) {
+            forget();
             return;
         }
         let Some(local_port) = sock::local_port(fd) else {
+            forget();
             return;
         };
         let key = Key {
@@ -277,6 +286,10 @@ pub fn duplicated(old: c_int, new: c_int) {
         return;
     }
     let Some(n) = fds::get(new) else { return };
+    // dup2/dup3 onto an outbound connection closed it: mark its entry as `close` does.
+    if let (Kind::Outbound, Some(t)) = (n.kind(), table()) {
+        guarded(|| t.mark_closed(&n.key()));
+    }
     match fds::get(old) {
         Some(o) if !o.untracked() => n.copy_from(o),
         _ => {
